@@ -1,0 +1,280 @@
+"""Training configurations: one dataclass of defaults, four named presets, ``--key value`` overrides.
+
+    python -m minidit.train                                   # --config toy: 2 CPU cores, minutes
+    python -m minidit.train --config cifar10                  # one GPU, pixel space
+    torchrun --nproc_per_node 8 -m minidit.train --config imagenet256-xl2 --data-path data/latents/imagenet256
+
+Every field of ``TrainConfig`` can be overridden on the command line as
+``--field value`` (or ``--field=value``; dashes and underscores are the same).
+Unknown fields, bad values and impossible combinations fail before any work,
+in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import UserError
+from .model import ALL_MODELS
+
+
+@dataclass
+class TrainConfig:
+    # -- data ----------------------------------------------------------------------------
+    data: str = "toy"  # toy | cifar10 | folder | latents
+    data_path: str | None = None  # folder of class subfolders, or a latent directory from extract_latents
+    data_root: str = "data"  # where CIFAR-10 is downloaded
+    image_size: int = 32  # pixels; latent models use image_size / 8
+    num_classes: int | None = None  # None: from the dataset
+    num_workers: int = 0  # DataLoader workers (real datasets)
+    # -- model -----------------------------------------------------------------------------
+    model: str = "DiT-Ti/4"
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    attn_backend: str = "sdpa"  # sdpa | math | flash_attn
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # -- diffusion -------------------------------------------------------------------------
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    # -- optimisation (the reference: AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) -
+    global_batch_size: int = 64
+    micro_batch_size: int | None = None  # per process and step; None: global / world size (no accumulation)
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0: off, like the reference
+    max_steps: int = 1000
+    ema_decay: float = 0.9999
+    # auto: bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    tf32: bool = True
+    # -- bookkeeping -----------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    run_dir: str | None = None  # None: runs/<config>
+    log_every: int = 10
+    ckpt_every: int = 250
+    ckpt_keep_every: int = 0  # also keep step_XXXXXXX.pt every N steps (0: only last.pt)
+    sample_every: int = 500  # sample grid during training (0: only at the end)
+    samples_per_class: int = 6  # columns of the sample grid
+    sample_classes: str = ""  # comma-separated class ids for the grid rows ("": all, at most 16)
+    sample_steps: int = 100  # DDPM steps (respaced) for grids and evaluation
+    cfg_scale: float = 4.0  # guidance scale for grids and evaluation
+    eval_samples: int = 200  # final evaluation: samples to classify (toy data only; 0: skip)
+    vae: str = "ema"  # latent models: VAE used to decode grids (ema | mse | a local directory)
+
+
+#: Named presets: each overrides some defaults. Fields not named keep TrainConfig's defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A tiny DiT on the embedded toy shapes, pixel space, 2 CPU cores, <= 10 minutes.
+    "toy": dict(
+        data="toy", image_size=32, model="DiT-Ti/4", global_batch_size=64, lr=1e-3, warmup_steps=100, max_steps=1200,
+        ema_decay=0.995, log_every=10, ckpt_every=200, sample_every=600, sample_steps=50, eval_samples=200,
+    ),
+    # Pixel-space CIFAR-10 on one GPU: DiT-S/2 on 32x32x3 = 256 tokens.
+    "cifar10": dict(
+        data="cifar10", image_size=32, model="DiT-S/2", global_batch_size=128, lr=2e-4, warmup_steps=1000,
+        max_steps=200_000, ema_decay=0.9999, num_workers=4, log_every=100, ckpt_every=5000, ckpt_keep_every=50_000,
+        sample_every=10_000, sample_steps=250, eval_samples=0,
+    ),
+    # The paper's ImageNet recipe on pre-extracted latents (dit-facts section 5).
+    "imagenet256-xl2": dict(
+        data="latents", data_path="data/latents/imagenet256", image_size=256, model="DiT-XL/2", num_classes=1000,
+        global_batch_size=256, lr=1e-4, max_steps=400_000, ema_decay=0.9999, num_workers=8, log_every=100,
+        ckpt_every=10_000, ckpt_keep_every=50_000, sample_every=50_000, sample_steps=250, cfg_scale=4.0,
+        sample_classes="207,360,387,974,88,979,417,279", samples_per_class=4, eval_samples=0,
+    ),
+    "imagenet512-xl2": dict(
+        data="latents", data_path="data/latents/imagenet512", image_size=512, model="DiT-XL/2", num_classes=1000,
+        global_batch_size=256, lr=1e-4, max_steps=400_000, ema_decay=0.9999, num_workers=8, log_every=100,
+        ckpt_every=10_000, ckpt_keep_every=50_000, sample_every=50_000, sample_steps=250, cfg_scale=4.0,
+        sample_classes="207,360,387,974,88,979,417,279", samples_per_class=4, eval_samples=0,
+    ),
+}  # fmt: skip
+
+#: Fields that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_CHANGES = {
+    "max_steps", "log_every", "ckpt_every", "ckpt_keep_every", "sample_every", "samples_per_class", "sample_classes",
+    "sample_steps", "cfg_scale", "eval_samples", "num_workers", "device", "compile", "run_dir", "vae", "data_path",
+    "data_root", "attn_backend", "grad_checkpointing", "micro_batch_size",
+}  # fmt: skip
+
+CHOICES = {
+    "data": ("toy", "cifar10", "folder", "latents"),
+    "attn_backend": ("sdpa", "math", "flash_attn"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "noise_schedule": ("linear", "cosine"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+}
+
+VAE_FACTOR = 8  # the SD VAE downsamples by 8: 256 px -> 32x32x4 latents
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_value(name: str, raw: str, annotation: str) -> Any:
+    kind = annotation.replace(" ", "")
+    optional = "None" in kind
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind.startswith("int"):
+            try:
+                return int(raw)
+            except ValueError:
+                value = float(raw)  # "4e5"
+                if not value.is_integer():
+                    raise
+                return int(value)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise UserError(f"--{name.replace('_', '-')}: expected {kind.split('|')[0]}, got {raw!r}") from None
+    return raw
+
+
+def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """``["--config", "toy", "--lr", "3e-4", "--compile"]`` -> ("toy", {"lr": 3e-4, "compile": True})."""
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    preset, overrides, i = "toy", {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: options look like --key value")
+        key, _, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        has_value = bool(_) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        if not _ and has_value:
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            if not has_value:
+                raise UserError("--config needs a name: " + ", ".join(PRESETS))
+            if value not in PRESETS:
+                raise UserError(
+                    f"unknown config {value!r}{_suggest(value, PRESETS)}; choose one of {', '.join(PRESETS)}"
+                )
+            preset = value
+            continue
+        if name not in types:
+            raise UserError(f"unknown option --{key}{_suggest(name, types)}; see --help for the list")
+        if not has_value:
+            if types[name].startswith("bool"):
+                value = "true"
+            else:
+                raise UserError(f"--{key} needs a value")
+        overrides[name] = _parse_value(name, value, types[name])
+    return preset, overrides
+
+
+def build_config(preset: str = "toy", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    cfg = TrainConfig(**{**PRESETS[preset], **(overrides or {})})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Fail before any work, in one line, on values that cannot work."""
+    for name, options in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in options:
+            flag, hint = name.replace("_", "-"), _suggest(str(value), options)
+            raise UserError(f"--{flag} {value!r}{hint}: choose one of {', '.join(options)}")
+    if cfg.model not in ALL_MODELS:
+        raise UserError(
+            f"unknown model {cfg.model!r}{_suggest(cfg.model, ALL_MODELS)}; choose one of {', '.join(ALL_MODELS)}"
+        )
+    patch = int(cfg.model.split("/")[1])
+    factor = VAE_FACTOR if cfg.data == "latents" else 1
+    if cfg.image_size <= 0 or cfg.image_size % (patch * factor):
+        what = f"patch size {patch} x VAE factor {factor}" if factor > 1 else f"the patch size {patch}"
+        raise UserError(f"--image-size {cfg.image_size} is not divisible by {what} (= {patch * factor})")
+    if cfg.data == "toy" and cfg.image_size not in (16, 32, 64):
+        raise UserError(f"the toy data is rendered at 16, 32 or 64 px, not {cfg.image_size}")
+    if cfg.data == "cifar10" and cfg.image_size != 32:
+        raise UserError(f"CIFAR-10 images are 32x32; --image-size {cfg.image_size} needs --data folder")
+    if cfg.data in ("folder", "latents") and not cfg.data_path:
+        raise UserError(f"--data {cfg.data} needs --data-path")
+    positive = (
+        "global_batch_size",
+        "max_steps",
+        "log_every",
+        "ckpt_every",
+        "diffusion_steps",
+        "samples_per_class",
+        "sample_steps",
+    )
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size <= 0:
+        raise UserError(f"--micro-batch-size must be positive, got {cfg.micro_batch_size}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 <= cfg.class_dropout_prob < 1:
+        raise UserError(f"--class-dropout-prob must be in [0, 1), got {cfg.class_dropout_prob}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.sample_steps > cfg.diffusion_steps:
+        raise UserError(f"--sample-steps {cfg.sample_steps} exceeds --diffusion-steps {cfg.diffusion_steps}")
+    if cfg.eval_samples and cfg.data != "toy":
+        raise UserError(
+            "--eval-samples (sample accuracy) needs the toy data's classifier; use minidit.evaluate for FID"
+        )
+    if cfg.sample_classes:
+        try:
+            [int(c) for c in cfg.sample_classes.split(",")]
+        except ValueError:
+            raise UserError(f"--sample-classes takes comma-separated class ids, got {cfg.sample_classes!r}") from None
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch per process, gradient-accumulation steps) such that
+    micro x accumulation x world_size = global_batch_size."""
+    micro = cfg.micro_batch_size or cfg.global_batch_size // world_size
+    if micro <= 0 or cfg.global_batch_size % (micro * world_size):
+        raise UserError(
+            f"--global-batch-size {cfg.global_batch_size} is not divisible by "
+            f"micro batch {micro} x {world_size} processes"
+        )
+    return micro, cfg.global_batch_size // (micro * world_size)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Fields whose change would make a resumed run a different run."""
+    now = to_dict(cfg)
+    keys = sorted((set(saved) | set(now)) - RESUMABLE_CHANGES)
+    return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in keys if saved.get(k) != now.get(k)]
+
+
+def help_text() -> str:
+    lines = [
+        "usage: python -m minidit.train [--config NAME] [--key value ...]",
+        "",
+        "configs: " + ", ".join(PRESETS),
+        "",
+    ]
+    lines.append("fields (defaults of --config toy):")
+    toy = build_config("toy")
+    for f in fields(TrainConfig):
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {json.dumps(getattr(toy, f.name))}")
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""User-facing errors: bad input gets one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for or gave us (paths, options, files).
+
+    The message is one line that says what is wrong and, where possible, what to do.
+    Command-line entry points print it as ``error: <message>`` and exit with status 2.
+    """
+
+
+class DataError(UserError):
+    """A dataset that is missing, empty, or unreadable."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a command-line ``main``; turn a ``UserError`` into one line on stderr and exit status 2."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,648 @@
+"""Train a DiT: ``python -m minidit.train`` (lesson 06).
+
+One trainer from a 10-minute CPU toy run to ImageNet DiT-XL/2 on many GPUs:
+
+    python -m minidit.train                                     # toy shapes, CPU, minutes
+    python -m minidit.train --config cifar10                    # one GPU
+    torchrun --nnodes 4 --nproc_per_node 8 ... -m minidit.train --config imagenet256-xl2
+
+What it does each step, for a global batch of G images spread over W processes:
+
+    x_0, y            <- data (toy shapes rendered on the fly, CIFAR-10, an image folder, or VAE latents)
+    t, eps, drop, flip <- one generator seeded by (seed, step): the same numbers whatever W is
+    loss = mean(mse + vb) of diffusion.training_losses(model, x_0, t, eps)   (dit-facts section 4)
+    AdamW step; EMA update (lerp towards the weights)
+
+Randomness is keyed by the step and by each image's position in the global batch, so
+a run is reproducible, a resumed run is bit-identical to an uninterrupted one (on CPU),
+and W processes with batch b compute what one process with batch W*b computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import config as C
+from .checkpoint import CheckpointError, atomic_write, describe_mismatch, read_file, save_checkpoint
+from .diffusion import create_diffusion
+from .errors import DataError, UserError, run_cli
+from .model import ALL_MODELS, DiT
+
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------
+# Processes and devices
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """Who this process is: global rank, rank on its node, and the number of processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: C.TrainConfig) -> tuple[Dist, torch.device]:
+    """Start torch.distributed under torchrun and pick this process's device.
+
+    The device index is the *local* rank (the reference used the global rank, which
+    breaks on a second node)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible")
+    device = torch.device(f"cuda:{d.local_rank}") if want == "cuda" else torch.device(want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def autocast_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
+    """None for fp32; bf16 where the GPU has it; fp16 (with a GradScaler) on older GPUs."""
+    p = cfg.precision
+    if p == "auto":
+        if device.type != "cuda":
+            return None
+        p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+# --------------------------------------------------------------------------
+# Data: every image has a fixed position in the global batch of its step
+# --------------------------------------------------------------------------
+
+
+def batch_positions(a: int, micro: int, d: Dist) -> torch.Tensor:
+    """Positions in the global batch of this process's images at micro-step ``a``: [micro].
+
+    Process r holds positions (a * micro + i) * W + r: interleaved, as DistributedSampler
+    interleaves the epoch's permutation, so 1 x 2b and 2 x b see the same images."""
+    return (a * micro + torch.arange(micro)) * d.world_size + d.rank
+
+
+class ToyBatches:
+    """Toy shapes rendered on the fly: image number step * G + position, nothing stored."""
+
+    def __init__(self, cfg: C.TrainConfig, d: Dist, micro: int, accum: int, start_step: int):
+        from . import toy
+
+        self.toy, self.cfg, self.d, self.micro, self.accum, self.step = toy, cfg, d, micro, accum, start_step
+
+    def __iter__(self):
+        G = self.cfg.global_batch_size
+        while True:
+            for a in range(self.accum):
+                idx = self.step * G + batch_positions(a, self.micro, self.d)
+                yield self.toy.make_batch(idx, seed=self.cfg.seed, image_size=self.cfg.image_size)
+            self.step += 1
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """Batch sampler over a map-style dataset: an endless stream of ``DistributedSampler``
+    epochs (shuffled with ``seed``, drop_last), cut into micro-batches, starting at
+    ``start`` samples into this process's stream (that is how a resumed run skips ahead)."""
+
+    def __init__(self, dataset, d: Dist, micro: int, seed: int, start: int):
+        self.dataset, self.d, self.micro, self.seed, self.start = dataset, d, micro, seed, start
+
+    def __iter__(self):
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=self.d.world_size, rank=self.d.rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+        per_epoch = len(sampler)
+        if per_epoch == 0:
+            raise DataError(f"the dataset has {len(self.dataset)} images: too few for {self.d.world_size} processes")
+        epoch, offset = divmod(self.start, per_epoch)
+        batch: list[int] = []
+        while True:
+            sampler.set_epoch(epoch)
+            for i in list(sampler)[offset:]:
+                batch.append(i)
+                if len(batch) == self.micro:
+                    yield batch
+                    batch = []
+            epoch, offset = epoch + 1, 0
+
+
+def load_dataset(cfg: C.TrainConfig):
+    """The real dataset for ``--data cifar10 | folder | latents`` (see minidit.data)."""
+    from . import data
+
+    return data.build_dataset(cfg.data, cfg.data_path, cfg.image_size, root=cfg.data_root)
+
+
+@dataclass
+class DataSpec:
+    """What the model is trained on."""
+
+    in_channels: int
+    input_size: int
+    num_classes: int
+    class_names: list[str]
+    flip_mode: str = "none"  # none | pixels | stored
+    latent: bool = False
+
+
+def describe_data(cfg: C.TrainConfig, dataset) -> DataSpec:
+    if cfg.data == "toy":
+        from . import toy
+
+        spec = DataSpec(3, cfg.image_size, toy.NUM_CLASSES, list(toy.CLASS_NAMES))
+    else:
+        spec = DataSpec(
+            dataset.in_channels, dataset.input_size, dataset.num_classes, list(dataset.class_names),
+            dataset.flip_mode, latent=cfg.data == "latents",
+        )  # fmt: skip
+        expected = cfg.image_size // (C.VAE_FACTOR if spec.latent else 1)
+        if spec.input_size != expected:
+            raise DataError(
+                f"{cfg.data_path}: holds {spec.input_size}x{spec.input_size} inputs, "
+                f"not {expected} for --image-size {cfg.image_size}"
+            )
+    if cfg.num_classes is not None and cfg.num_classes != spec.num_classes:
+        raise DataError(f"--num-classes {cfg.num_classes}, but the data has {spec.num_classes} classes")
+    return spec
+
+
+# --------------------------------------------------------------------------
+# Model pieces
+# --------------------------------------------------------------------------
+
+
+def build_model(cfg: C.TrainConfig, spec: DataSpec) -> DiT:
+    return ALL_MODELS[cfg.model](
+        input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes,
+        learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob,
+        attn_backend=cfg.attn_backend, grad_checkpointing=cfg.grad_checkpointing,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def update_ema(ema: DiT, model: DiT, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for the trainable weights (one fused call;
+    the frozen pos_embed is left alone, unlike the reference)."""
+    ema_p = [p for p, q in zip(ema.parameters(), model.parameters()) if q.requires_grad]
+    model_p = [q for q in model.parameters() if q.requires_grad]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+
+
+# --------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+class Trainer:
+    def __init__(self, cfg: C.TrainConfig, preset: str):
+        self.cfg, self.preset = cfg, preset
+        self.d, self.device = setup(cfg)
+        self.run_dir = Path(cfg.run_dir or f"runs/{preset}")
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        self.micro, self.accum = C.batch_layout(cfg, self.d.world_size)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        if self.device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        if self.d.is_main:
+            print(message, flush=True)
+
+    def check_run_dir(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None: a fresh run). Refuses a run directory of another config."""
+        saved_cfg = self.run_dir / "config.json"
+        if saved_cfg.is_file():
+            try:
+                saved = json.loads(saved_cfg.read_text())["config"]
+            except (ValueError, KeyError):
+                raise UserError(f"{saved_cfg}: unreadable; move the run directory aside or pass --run-dir") from None
+            diff = C.differences(saved, self.cfg)
+            if diff:
+                raise UserError(
+                    f"{self.run_dir} belongs to a different config ({'; '.join(diff[:3])}); "
+                    "pass --run-dir NEW_DIR for a new run, or the same settings to resume"
+                )
+        if not self.ckpt_path.is_file():
+            return None
+        try:
+            ckpt = read_file(self.ckpt_path)
+        except CheckpointError as e:
+            raise UserError(f"cannot resume: {e}") from None
+        if ckpt.get("version") != CHECKPOINT_VERSION or "model" not in ckpt:
+            raise UserError(f"{self.ckpt_path}: not a minidit training checkpoint; pass --run-dir NEW_DIR")
+        return ckpt
+
+    def save(self, step: int) -> None:
+        """Checkpoint everything a resumed run needs, atomically (rank 0 writes, all wait)."""
+        if self.d.is_main:
+            state = {
+                "version": CHECKPOINT_VERSION,
+                "model": self.raw.state_dict(),
+                "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "step": step,
+                "data_position": {"images_seen": step * self.cfg.global_batch_size},
+                "config": C.to_dict(self.cfg),
+                "preset": self.preset,
+                "class_names": self.spec.class_names,
+                "rng": {
+                    "cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+            }
+            try:
+                save_checkpoint(state, self.ckpt_path)
+                if self.cfg.ckpt_keep_every and step % self.cfg.ckpt_keep_every == 0:
+                    save_checkpoint(state, self.ckpt_path.with_name(f"step_{step:07d}.pt"))
+            except OSError as e:
+                kept = "the previous checkpoint is intact" if self.ckpt_path.is_file() else "no checkpoint was written"
+                why = "no space left on device" if e.errno == errno.ENOSPC else e.strerror or str(e)
+                raise UserError(f"could not save a checkpoint to {self.ckpt_path.parent} ({why}); {kept}") from None
+        if self.d.world_size > 1:
+            dist.barrier()
+
+    # -- setup -----------------------------------------------------------------------
+
+    def prepare(self) -> int:
+        cfg = self.cfg
+        resume = self.check_run_dir()
+        self.dataset = None if cfg.data == "toy" else load_dataset(cfg)
+        self.spec = describe_data(cfg, self.dataset)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        self.raw = build_model(cfg, self.spec).to(self.device)
+        self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
+        params = [p for p in self.raw.parameters() if p.requires_grad]
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        use_scaler = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+
+        start = 0
+        if resume is not None:
+            for name, module in (("model", self.raw), ("ema", self.ema)):
+                problem = describe_mismatch(module, resume[name])
+                if problem:
+                    raise UserError(f"{self.ckpt_path}: {name} does not fit {cfg.model}: {problem}")
+                module.load_state_dict(resume[name])
+            self.opt.load_state_dict(resume["opt"])
+            if self.scaler is not None and resume.get("scaler"):
+                self.scaler.load_state_dict(resume["scaler"])
+            torch.set_rng_state(resume["rng"]["cpu"])
+            if resume["rng"].get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            start = int(resume["step"])
+        # per-process seed for anything not keyed by the step (e.g. DataLoader workers)
+        torch.manual_seed(cfg.seed * self.d.world_size + self.d.rank)
+
+        model = self.raw
+        if self.d.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = torch.compile(model) if cfg.compile else model
+        self.diffusion = create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
+
+        if self.d.is_main:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a kill during a write
+                stale.unlink()
+            meta = {"config": C.to_dict(cfg), "preset": self.preset, "command": " ".join(sys.argv)}
+            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+            self.trim_log(start)
+        return start
+
+    def batches(self, start: int):
+        """Yields (x, y) micro-batches for this process, from step ``start`` on."""
+        if self.dataset is None:
+            return iter(ToyBatches(self.cfg, self.d, self.micro, self.accum, start))
+        sampler = RankBatches(self.dataset, self.d, self.micro, self.cfg.seed, start * self.accum * self.micro)
+        workers = self.cfg.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        )  # fmt: skip
+        return iter(loader)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def step_noise(self, step: int):
+        """Timesteps, noise, label drops and flips for the whole global batch of ``step``."""
+        G, s = self.cfg.global_batch_size, self.spec
+        g = torch.Generator(self.device).manual_seed(self.cfg.seed * 1_000_003 + step)
+        t = torch.randint(0, self.diffusion.num_timesteps, (G,), generator=g, device=self.device)
+        noise = torch.randn((G, s.in_channels, s.input_size, s.input_size), generator=g, device=self.device)
+        drop = torch.rand(G, generator=g, device=self.device) < self.cfg.class_dropout_prob
+        flip = torch.rand(G, generator=g, device=self.device) < 0.5
+        return t, noise, drop.long(), flip
+
+    def lr_at(self, step: int) -> float:
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
+
+    def train_step(self, step: int, batches) -> torch.Tensor:
+        """One optimizer step over ``accum`` micro-batches. Returns the [3] (loss, mse, vb) sums,
+        on the device (no host sync)."""
+        t, noise, drop, flip = self.step_noise(step)
+        sums = torch.zeros(3, device=self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        for a in range(self.accum):
+            x, y = next(batches)
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            pos = batch_positions(a, self.micro, self.d).to(self.device)
+            if self.spec.flip_mode == "pixels":
+                x = torch.where(flip[pos].view(-1, 1, 1, 1), x.flip(-1), x)
+            elif self.spec.flip_mode == "stored":
+                x = torch.where(flip[pos].view(-1, 1, 1, 1), x[:, 1], x[:, 0])
+            sync = a == self.accum - 1 or self.d.world_size == 1
+            ctx = nullcontext() if sync else self.model.no_sync()
+            amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+            with ctx:
+                with amp:
+                    losses = self.diffusion.training_losses(
+                        self.model, x, t[pos], model_kwargs=dict(y=y, force_drop_ids=drop[pos]), noise=noise[pos]
+                    )
+                loss = losses["loss"].mean() / self.accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            sums += torch.stack([losses[k].detach().float().sum() for k in ("loss", "mse", "vb")])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.raw, self.cfg.ema_decay)
+        return sums
+
+    def run(self) -> int:
+        cfg = self.cfg
+        start = self.prepare()
+        if start >= cfg.max_steps:
+            self.log(f"{self.run_dir} already finished {start} steps (--max-steps {cfg.max_steps}); nothing to train.")
+            self.log("Pass --max-steps N to train further, or --run-dir NEW_DIR for a new run.")
+            self.finish(start, trained=False)
+            return 0
+        n_params = sum(p.numel() for p in self.raw.parameters())
+        self.log(
+            f"{'resuming' if start else 'training'} {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.data} "
+            f"{self.spec.input_size}x{self.spec.input_size}x{self.spec.in_channels}, {self.device}, "
+            f"{self.d.world_size} process(es), batch {cfg.global_batch_size} = {self.d.world_size} x {self.micro}"
+            f" x {self.accum} accumulation, {str(self.amp_dtype or 'fp32').replace('torch.', '')}, "
+            f"step {start} -> {cfg.max_steps}, run dir {self.run_dir}"
+        )
+        batches = self.batches(start)
+        self.raw.train()
+        bar = None
+        if self.d.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
+        BIG = torch.iinfo(torch.long).max
+        window = torch.zeros(3, device=self.device)
+        bad = torch.tensor(BIG, device=self.device)
+        window_steps, t0 = 0, time.perf_counter()
+        try:
+            for step in range(start, cfg.max_steps):
+                sums = self.train_step(step, batches)
+                window += sums
+                bad = torch.minimum(bad, torch.where(torch.isfinite(sums).all(), BIG, step))
+                window_steps += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    stats = self.reduce(window, bad)
+                    if stats["bad"] < BIG:
+                        raise NonFiniteLoss(int(stats["bad"]))
+                    elapsed = time.perf_counter() - t0
+                    ips = window_steps * cfg.global_batch_size / elapsed
+                    n = window_steps * cfg.global_batch_size
+                    row = dict(step=done, loss=stats["sum"][0] / n, mse=stats["sum"][1] / n, vb=stats["sum"][2] / n,
+                               lr=self.lr_at(step), img_per_s=ips, time=time.time())  # fmt: skip
+                    self.write_log(row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+                    window.zero_()
+                    window_steps, t0 = 0, time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+                    first_bad = self.reduce(torch.zeros(3, device=self.device), bad)["bad"]
+                    if first_bad < BIG:  # never checkpoint weights that saw a NaN
+                        raise NonFiniteLoss(first_bad)
+                    self.save(done)
+                if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.max_steps:
+                    self.sample_grid(done)
+                    self.plot_loss()
+                    t0 = time.perf_counter()  # sampling time is not training throughput
+        except NonFiniteLoss as e:
+            if bar is not None:
+                bar.close()
+            last = f"{self.ckpt_path} (step {self.saved_step()})" if self.ckpt_path.is_file() else "none written yet"
+            self.log(f"error: the loss became NaN/inf at step {e.step}; stopped. Last good checkpoint: {last}")
+            return 3
+        finally:
+            if bar is not None:
+                bar.close()
+        self.finish(cfg.max_steps, trained=True)
+        return 0
+
+    def saved_step(self) -> int | str:
+        try:
+            return int(read_file(self.ckpt_path)["step"])
+        except (CheckpointError, KeyError):
+            return "?"
+
+    def reduce(self, sums: torch.Tensor, bad: torch.Tensor) -> dict[str, Any]:
+        """All-reduce the loss sums (SUM) and the first bad step (MIN) over processes; one host sync."""
+        sums, bad = sums.clone(), bad.clone()
+        if self.d.world_size > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        return {"sum": sums.tolist(), "bad": int(bad.item())}
+
+    # -- outputs ---------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.jsonl"
+
+    def write_log(self, row: dict[str, Any]) -> None:
+        if self.d.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def trim_log(self, step: int) -> None:
+        """On resume, drop log rows past the checkpoint (those steps are trained again)."""
+        if self.log_path.is_file():
+            rows = [r for r in self.log_path.read_text().splitlines() if r.strip()]
+            keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in keep)))
+
+    def plot_loss(self) -> Path | None:
+        if not self.d.is_main or not self.log_path.is_file():
+            return None
+        from .plots import plot_loss_curve
+
+        rows = [json.loads(r) for r in self.log_path.read_text().splitlines() if r.strip()]
+        out = self.run_dir / "loss.png"
+        plot_loss_curve(rows, out, title=f"{self.cfg.model} on {self.cfg.data}")
+        return out
+
+    def grid_classes(self) -> list[int]:
+        if self.cfg.sample_classes:
+            classes = [int(c) for c in self.cfg.sample_classes.split(",")]
+            bad = [c for c in classes if not 0 <= c < self.spec.num_classes]
+            if bad:
+                raise UserError(f"--sample-classes {bad} outside 0..{self.spec.num_classes - 1}")
+            return classes
+        return list(range(min(self.spec.num_classes, 16)))
+
+    def generate(self, labels: torch.Tensor, cfg_scale: float, seed: int) -> torch.Tensor:
+        """EMA samples for ``labels`` [N] -> images [N, 3, H, W] in [-1, 1] (decoded for latent models)."""
+        from .sample import generate
+
+        return generate(
+            self.ema, labels, cfg_scale=cfg_scale, num_steps=self.cfg.sample_steps, seed=seed,
+            noise_schedule=self.cfg.noise_schedule, diffusion_steps=self.cfg.diffusion_steps,
+            decoder=self.decoder(), clip_denoised=not self.spec.latent, device=self.device,
+        )  # fmt: skip
+
+    def decoder(self):
+        if not self.spec.latent:
+            return None
+        if not hasattr(self, "_decoder"):
+            from . import vae
+
+            try:
+                model = vae.load_vae(self.cfg.vae, device=self.device)
+                self._decoder = lambda z: vae.decode(model, z)
+            except UserError as e:
+                self.log(f"note: sample grids skipped: {e}")
+                self._decoder = None
+        return self._decoder
+
+    def sample_grid(self, step: int, name: str | None = None) -> Path | None:
+        if not self.d.is_main or (self.spec.latent and self.decoder() is None):
+            return None
+        from .plots import save_class_grid
+
+        classes = self.grid_classes()
+        n = self.cfg.samples_per_class
+        labels = torch.tensor(classes).repeat_interleave(n)
+        images = self.generate(labels, self.cfg.cfg_scale, seed=self.cfg.seed + 1)
+        out = self.run_dir / "samples" / (name or f"step_{step:07d}.png")
+        names = [self.spec.class_names[c] for c in classes]
+        save_class_grid(images, names, n, out, title=f"step {step}, CFG scale {self.cfg.cfg_scale}")
+        return out
+
+    def evaluate_toy(self) -> dict[str, Any]:
+        """Sample ``eval_samples`` images (balanced over classes) with and without guidance and
+        ask the shipped toy classifier which class each one is."""
+        from . import toy
+
+        n = self.cfg.eval_samples
+        labels = torch.arange(n) % self.spec.num_classes
+        classifier = toy.load_classifier(image_size=self.cfg.image_size)
+        result = {}
+        for scale in (self.cfg.cfg_scale, 1.0):
+            images = self.generate(labels, scale, seed=self.cfg.seed + 2)
+            pred = toy.classify(images.cpu(), classifier)
+            result[f"accuracy_cfg{scale:g}"] = (pred == labels).float().mean().item()
+        return result
+
+    def finish(self, step: int, trained: bool) -> None:
+        """Final grid, loss curve, evaluation, summary.json, and where everything went."""
+        if not self.d.is_main:
+            if self.d.world_size > 1:
+                dist.barrier()
+            return
+        summary_path = self.run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() and not trained else {}
+        if trained or not summary:
+            grid = self.sample_grid(step, name="final.png")
+            curve = self.plot_loss()
+            summary = {"step": step, "config": self.preset, "grid": str(grid) if grid else None,
+                       "loss_curve": str(curve) if curve else None}  # fmt: skip
+            if self.log_path.is_file():
+                rows = [json.loads(r) for r in self.log_path.read_text().splitlines() if r.strip()]
+                if rows:
+                    summary["final_loss"] = rows[-1]["loss"]
+                    summary["img_per_s"] = sorted(r["img_per_s"] for r in rows)[len(rows) // 2]
+            if self.cfg.data == "toy" and self.cfg.eval_samples:
+                summary.update(self.evaluate_toy())
+            atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        print(f"\nrun directory   {self.run_dir}")
+        print(f"  checkpoint    {self.ckpt_path}  (model, EMA, optimizer, step {step})")
+        print(f"  log           {self.log_path}")
+        for key, label in (("loss_curve", "loss curve"), ("grid", "samples")):
+            if summary.get(key):
+                print(f"  {label:<13} {summary[key]}")
+        if "img_per_s" in summary:
+            print(f"  throughput    {summary['img_per_s']:.1f} images/s (median over log intervals)")
+        scale = f"{self.cfg.cfg_scale:g}"
+        if f"accuracy_cfg{scale}" in summary:
+            print(
+                f"  sample accuracy (toy classifier, {self.cfg.eval_samples} EMA samples): "
+                f"{summary[f'accuracy_cfg{scale}']:.1%} with CFG {scale}, {summary['accuracy_cfg1']:.1%} without"
+            )
+        if self.d.world_size > 1:
+            dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(C.help_text())
+        return 0
+    preset, overrides = C.parse_overrides(argv)
+    cfg = C.build_config(preset, overrides)
+    trainer = Trainer(cfg, preset)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
