@@ -24,9 +24,11 @@ the path and says what to do.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
+import pickle
 import socket
 import warnings
 from contextlib import contextmanager
@@ -254,32 +256,19 @@ class ImageFolderDataset(Dataset):
 # CIFAR-10
 # --------------------------------------------------------------------------
 
-
-def _local_cifar10_class():
-    """torchvision's CIFAR10 that trusts an already-extracted local copy.
-
-    torchvision checks the MD5 of every extracted batch file (and of ``batches.meta``) on
-    each load and refuses anything else. Here, when all the files are present, they are
-    accepted as they are (a damaged file then fails to unpickle, which ``cifar10`` reports
-    as a ``DataError``): so a hand-copied or test copy loads, and nothing touches the
-    network. When files are missing, torchvision's own download runs unchanged, archive
-    MD5 check included.
-    """
-    from torchvision.datasets import CIFAR10
-
-    class LocalCIFAR10(CIFAR10):
-        meta = {**CIFAR10.meta, "md5": None}  # batches.meta: checked for presence only
-
-        def _check_integrity(self) -> bool:
-            folder = os.path.join(self.root, self.base_folder)
-            return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
-
-    return LocalCIFAR10
+#: The folder the CIFAR-10 archive extracts to, and its files (torchvision's layout).
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+CIFAR10_META_FILE = "batches.meta"
 
 
 @contextmanager
 def _socket_timeout(seconds: float):
-    """torchvision opens URLs without a timeout; give them one so a dead network fails instead of hanging."""
+    """urllib opens URLs without a timeout; give them one so a dead network fails instead of hanging.
+
+    A default timeout the caller has already set is kept.
+    """
     old = socket.getdefaulttimeout()
     if old is None:
         socket.setdefaulttimeout(seconds)
@@ -289,62 +278,194 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only (what CIFAR-10's files hold), never code.
+
+    ``pickle.load`` (what torchvision uses) imports and calls any global a file names, so a
+    tampered file could run anything. CIFAR-10's batch files are dicts of a numpy array, lists,
+    ints and strings; ``batches.meta`` a dict of a list of strings and ints. Those need no
+    globals but numpy's array reconstruction (and ``_codecs.encode``, which Python 3 writes for
+    bytes in protocol-2 pickles): any other global is refused before it is imported.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are expected")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed numpy.core
+            module = module.replace("numpy.core.", "numpy._core.", 1)
+        elif module.startswith("numpy._core.") and not hasattr(np, "_core"):  # a numpy 2 pickle on numpy 1
+            module = module.replace("numpy._core.", "numpy.core.", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+def cifar10_files(root: str | os.PathLike = "data/cifar10", train: bool = True, download: bool = True) -> list[Path]:
+    """The batch files of one CIFAR-10 split under ``root/cifar-10-batches-py/``, downloaded first if missing.
+
+    Present means the split's batch files and ``batches.meta`` are there; they are not read or
+    checked here. Otherwise, with ``download``, torchvision's download runs: the official archive
+    (its URL and MD5 from ``torchvision.datasets.CIFAR10``) is fetched into ``root``, unless a
+    verified ``cifar-10-python.tar.gz`` is there already, and extracted. Failures (no network,
+    a bad archive, ...) raise ``DataError`` with one line.
+    """
+    root = Path(root).expanduser()
+    folder = root / CIFAR10_FOLDER
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: is a file; CIFAR-10 needs a directory (it is kept in {folder})")
+    names = list(CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES)
+    missing = [name for name in [*names, CIFAR10_META_FILE] if not (folder / name).is_file()]
+    if missing and not download:
+        raise DataError(
+            f"{folder}: CIFAR-10 not found (no {', '.join(missing)}); pass download=True, "
+            "or put cifar-10-batches-py/ there by hand"
+        )
+    if missing:
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets import utils as tv_utils
+
+        try:
+            with _socket_timeout(60):
+                # What CIFAR10(root, download=True) runs, without its loading with plain pickle.load afterwards.
+                tv_utils.download_and_extract_archive(
+                    CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
+                )
+        except Exception as e:  # urllib and tarfile raise URLError, OSError, RuntimeError (md5), TarError, EOFError...
+            reason = " ".join(str(getattr(e, "reason", None) or e).split()) or type(e).__name__
+            raise DataError(
+                f"cannot download CIFAR-10 to {root}: {reason}; without internet, put cifar-10-batches-py/ "
+                f"(or {CIFAR10.filename}) there by hand"
+            ) from None
+        missing = [name for name in [*names, CIFAR10_META_FILE] if not (folder / name).is_file()]
+        if missing:
+            archive = root / CIFAR10.filename
+            raise DataError(f"{folder}: no {', '.join(missing)} after extracting {archive}; delete it and retry")
+    return [folder / name for name in names]
+
+
+def _damaged(path: Path, reason: str) -> DataError:
+    return DataError(f"{path}: damaged CIFAR-10 file ({reason}); delete {path.parent} and download it again")
+
+
+def _unpickle(path: Path) -> dict:
+    """One CIFAR-10 file, read with ``_NumpyUnpickler`` -> its dict, or a one-line ``DataError``."""
+    try:
+        with open(path, "rb") as f:
+            entry = _NumpyUnpickler(f, encoding="latin1").load()  # latin1: the files were pickled by Python 2
+    except Exception as e:  # truncated or foreign files raise many types; none can run code here
+        raise _damaged(path, _reason(e)) from None
+    if not isinstance(entry, dict):
+        raise _damaged(path, f"holds a {type(entry).__name__}, not a dict")
+    return entry
+
+
+def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (rows uint8 [n, 3072], labels int64 [n])."""
+    entry = _unpickle(path)
+    if "data" not in entry or "labels" not in entry:
+        raise _damaged(path, f"no 'data' and 'labels' in it (keys: {', '.join(map(str, entry)) or 'none'})")
+    data, labels = entry["data"], np.asarray(entry["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _damaged(path, f"expected uint8 data [N, 3072], got {shape}")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise _damaged(path, f"expected {len(data)} integer labels, got {labels.dtype} {list(labels.shape)}")
+    if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
+        raise _damaged(path, f"labels {labels.min()}..{labels.max()} outside 0..{num_classes - 1}")
+    return data, labels.astype(np.int64)
+
+
+def _read_class_names(path: Path) -> list[str]:
+    """``batches.meta`` -> its ``label_names`` (strings; bytes are decoded)."""
+    entry = _unpickle(path)
+    names = entry.get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str | bytes) for n in names):
+        raise _damaged(path, "no list of class names under 'label_names'")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+
+
+def _warn_if_not_official(files: list[Path]) -> None:
+    """One warning naming the files whose MD5 differs from the official release's (torchvision's list)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    md5 = dict(CIFAR10.train_list + CIFAR10.test_list) | {CIFAR10.meta["filename"]: CIFAR10.meta["md5"]}
+    differ = [f.name for f in files if not check_integrity(str(f), md5[f.name])]
+    if differ:
+        warnings.warn(
+            f"{files[0].parent}: {', '.join(differ)} differ from the official CIFAR-10 release (md5): "
+            "results on these images (FIDs included) are not comparable with published numbers",
+            stacklevel=3,
+        )
+
+
+def load_cifar10_arrays(
+    root: str | os.PathLike = "data/cifar10", train: bool = True, download: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One CIFAR-10 split -> (images uint8 [N, 32, 32, 3], labels int64 [N], class names).
+
+    N is 50,000 for the train split (``data_batch_1..5``, in order) and 10,000 for the test split
+    (``test_batch``); class names come from ``batches.meta``. The files are those of
+    ``root/cifar-10-batches-py/`` (torchvision's layout), downloaded first if missing
+    (:func:`cifar10_files`).
+
+    The files are read with a restricted unpickler that builds numpy arrays and plain
+    containers only: a file that names any other global (code) is refused before anything
+    runs. An extracted copy is used as it is, without the network: a copy whose files differ
+    from the official release's MD5s loads, with one warning. A damaged file (truncated, not
+    CIFAR-10, refused) raises ``DataError`` with one line naming it.
+    """
+    files = cifar10_files(root, train, download)
+    meta = files[0].parent / CIFAR10_META_FILE
+    class_names = _read_class_names(meta)
+    rows, labels = zip(*(_read_batch(f, len(class_names)) for f in files), strict=True)
+    _warn_if_not_official([*files, meta])
+    # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major: [N, 3, 32, 32] -> [N, 32, 32, 3].
+    images = np.concatenate(rows).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.concatenate(labels), class_names
+
+
 class CIFAR10Dataset(Dataset):
     """CIFAR-10 as ``(x [3, 32, 32] in [-1, 1], y)``; ``flip_mode = "pixels"``.
 
-    Wraps a torchvision ``CIFAR10`` (its uint8 array ``data [N, 32, 32, 3]`` and ``targets``);
-    class names come from the dataset's ``batches.meta``.
+    Holds the arrays of :func:`load_cifar10_arrays`: ``data`` uint8 ``[N, 32, 32, 3]``,
+    ``targets`` (a list of N ints) and ``class_names``.
     """
 
     in_channels = 3
     input_size = 32
     flip_mode = "pixels"
 
-    def __init__(self, base: Any):
-        self.base = base
-        self.data: np.ndarray = base.data
-        self.targets: list[int] = list(base.targets)
-        self.class_names: list[str] = list(base.classes)
+    def __init__(self, data: np.ndarray, targets, class_names: list[str]):
+        self.data: np.ndarray = data
+        self.targets: list[int] = [int(t) for t in targets]
+        self.class_names: list[str] = list(class_names)
         self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return to_signed(self.data[index]), int(self.targets[index])
+        return to_signed(self.data[index]), self.targets[index]
 
 
 def cifar10(root: str | os.PathLike = "data/cifar10", train: bool = True, download: bool = True) -> CIFAR10Dataset:
     """CIFAR-10 (train or test split) from ``root/cifar-10-batches-py/``, downloaded there if missing.
 
-    An extracted copy already in place is used as it is, without MD5 checks and without
-    any network access. A failed download (offline, ...) or a damaged copy raises
+    See :func:`load_cifar10_arrays`: an extracted copy already in place is used as it is,
+    without any network access (with a warning if it is not the official release), and
+    read without running code. A failed download (offline, ...) or a damaged copy raises
     ``DataError`` with one line saying what to do.
     """
-    root = Path(root).expanduser()
-    folder = root / "cifar-10-batches-py"
-    if root.exists() and not root.is_dir():
-        raise DataError(f"{root}: is a file; CIFAR-10 needs a directory (it is kept in {folder})")
-    LocalCIFAR10 = _local_cifar10_class()
-    names = [name for name, _ in LocalCIFAR10.train_list + LocalCIFAR10.test_list] + [LocalCIFAR10.meta["filename"]]
-    present = all((folder / name).is_file() for name in names)
-    if not present and not download:
-        raise DataError(f"{folder}: CIFAR-10 not found; pass download=True, or put cifar-10-batches-py/ there by hand")
-    try:
-        with _socket_timeout(60):
-            base = LocalCIFAR10(str(root), train=train, download=download and not present)
-    except Exception as e:  # torchvision and urllib raise URLError, OSError, RuntimeError, TarError, pickle errors, ...
-        reason = " ".join(str(getattr(e, "reason", None) or e).split()) or type(e).__name__
-        if present:
-            raise DataError(
-                f"{folder}: damaged CIFAR-10 files ({type(e).__name__}: {reason}); delete the folder and download again"
-            ) from None
-        raise DataError(
-            f"cannot download CIFAR-10 to {root}: {reason}; without internet, put cifar-10-batches-py/ there by hand"
-        ) from None
-    if base.data.ndim != 4 or base.data.shape[1:] != (32, 32, 3) or len(base.data) != len(base.targets):
-        raise DataError(f"{folder}: not CIFAR-10 data (images of shape {base.data.shape[1:]}); download it again")
-    return CIFAR10Dataset(base)
+    return CIFAR10Dataset(*load_cifar10_arrays(root, train, download))
 
 
 # --------------------------------------------------------------------------

@@ -29,14 +29,12 @@ Reference statistics (``mu`` [F], ``sigma`` [F, F]) are cached as ``.npz`` under
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import http.client
 import importlib
 import os
 import pickle
 import re
-import socket
 import sys
 import warnings
 import zipfile
@@ -49,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_write
+from .data import _socket_timeout, cifar10_files, load_cifar10_arrays
 from .errors import DataError, UserError, run_cli
 
 #: A feature extractor: uint8 images [B, 3, H, W] -> float features [B, F] (a 1-tuple of that is accepted too).
@@ -59,7 +58,6 @@ DEFAULT_CIFAR10_ROOT = Path("data/cifar10")
 DEFAULT_STATS_DIR = Path("data/fid_stats")
 INCEPTION_NAME = "inception-v3-compat"
 TORCH_FIDELITY_PIP = "pip install 'torch-fidelity>=0.3'"
-CIFAR10_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 
 
 class FrechetError(UserError, ValueError):
@@ -222,17 +220,6 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-    """Make a download on a dead network fail instead of hanging (urllib's default is no timeout)."""
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old)
-
-
 def inception_extractor(device: str | torch.device | None = None) -> InceptionFeatures:
     """The FID feature extractor, in eval mode on ``device``; downloads its weights (~100 MB) on first use.
 
@@ -373,85 +360,16 @@ def _source_images(source, batch_size: int) -> Iterable | np.ndarray | torch.Ten
     return load_images(path)
 
 
-class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers only (what CIFAR-10's batch files hold), never code."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are expected")
-        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed numpy.core
-            module = module.replace("numpy.core.", "numpy._core.", 1)
-        return getattr(importlib.import_module(module), name)
-
-
-def cifar10_files(root: str | os.PathLike = DEFAULT_CIFAR10_ROOT, download: bool = True) -> list[Path]:
-    """The five training batch files of CIFAR-10 under ``root``, downloaded first if any is missing."""
-    folder = Path(root) / "cifar-10-batches-py"
-    files = [folder / name for name in CIFAR10_TRAIN_FILES]
-    if not all(f.is_file() for f in files):
-        if not download:
-            raise DataError(f"CIFAR-10 not found: no {folder}/data_batch_1..5")
-        from torchvision.datasets import CIFAR10
-
-        try:
-            CIFAR10(root=str(root), train=True, download=True)
-        except (OSError, RuntimeError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", None) or e
-            raise DataError(
-                f"could not download CIFAR-10 to {root} ({reason}); without internet, put the extracted "
-                f"cifar-10-batches-py/ folder (or cifar-10-python.tar.gz) in {root}"
-            ) from None
-    return files
-
-
 def load_cifar10(root: str | os.PathLike = DEFAULT_CIFAR10_ROOT, download: bool = True) -> np.ndarray:
     """CIFAR-10's 50,000 training images -> uint8 [50000, 32, 32, 3].
 
-    Reads ``<root>/cifar-10-batches-py/data_batch_1..5`` (torchvision's layout) if present; otherwise
-    downloads with ``torchvision.datasets.CIFAR10(root, train=True, download=True)``, which checks the
-    archive's md5. An already-extracted copy is read as is, without a network (torchvision itself would
-    refuse any copy whose md5s differ, and would need the test batch too); a copy that is not the
-    official release gets a warning, since FIDs against it are not comparable with published ones.
+    ``minidit.data.load_cifar10_arrays`` (train split): reads ``<root>/cifar-10-batches-py/`` (torchvision's
+    layout) without running code, downloading the official archive first if the files are missing. A copy
+    that is not the official release gets a warning, since FIDs against it are not comparable with
+    published ones.
     """
-    files = cifar10_files(root, download)
-    chunks = []
-    for file in files:
-        try:
-            with open(file, "rb") as f:
-                entry = _NumpyUnpickler(f, encoding="latin1").load()
-            data = np.asarray(entry["data"])
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{file}: not a CIFAR-10 batch file ({type(e).__name__}: {e})") from None
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(f"{file}: expected uint8 [N, 3072] data, got {data.dtype} {list(data.shape)}")
-        chunks.append(data)
-    _warn_if_not_official_cifar10(files)
-    # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major: [N, 3, 32, 32] -> [N, 32, 32, 3].
-    return np.concatenate(chunks).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-def _warn_if_not_official_cifar10(files: list[Path]) -> None:
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import check_integrity
-
-    md5 = dict(CIFAR10.train_list)
-    bad = [f.name for f in files if not check_integrity(str(f), md5[f.name])]
-    if bad:
-        warnings.warn(
-            f"{files[0].parent}: {', '.join(bad)} differ from the official CIFAR-10 release (md5): "
-            "FIDs against these images are not comparable with published numbers",
-            stacklevel=3,
-        )
+    images, _, _ = load_cifar10_arrays(root, train=True, download=download)
+    return images
 
 
 # --------------------------------------------------------------------------
@@ -549,7 +467,7 @@ def _reference(
     if isinstance(source, np.ndarray | torch.Tensor):
         label, files = "array", None
     elif is_cifar10:
-        label, files = "cifar10-train", cifar10_files(root, download)
+        label, files = "cifar10-train", cifar10_files(root, train=True, download=download)
     else:
         path = Path(source)
         label = path.stem if path.is_file() else path.resolve().name

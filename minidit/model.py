@@ -54,8 +54,8 @@ class DiTBlock(nn.Module):
         x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
         x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
 
-    The regressing Linear starts at zero, so every gate is 0 and the block is the
-    identity at initialisation ("-Zero").
+    ``DiT.initialize_weights`` zeroes the regressing Linear, so every gate is 0 and each
+    block of a fresh DiT is the identity ("-Zero"); a standalone block keeps PyTorch's init.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa"):
@@ -237,7 +237,8 @@ class DiT(nn.Module):
         exactly as the reference does: a leftover from GLIDE, whose RGB pixel
         model had three channels, that the DiT authors kept for exact
         reproducibility of their FID 2.27 (scale 1.5). The fourth latent channel
-        and the variance channels stay conditional. Pass ``guided_channels=None``
+        and the variance channels are not guided: each half keeps its own prediction
+        there (conditional in the first half, unconditional in the second). Pass ``guided_channels=None``
         to guide all ``in_channels`` epsilon channels, as diffusers does (scale
         1.375 on all four channels is roughly equivalent to 1.5 on three).
         """
@@ -258,7 +259,7 @@ class DiT(nn.Module):
 # The model zoo: 4 sizes (S, B, L, XL) x 3 patch sizes (8, 4, 2)
 # --------------------------------------------------------------------------
 
-#: (depth, hidden_size, num_heads) of the four model sizes (paper Table 1).
+#: (depth, hidden_size, num_heads) of the four model sizes (the paper's configurations, after ViT).
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),

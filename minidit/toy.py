@@ -8,8 +8,9 @@ Ten classes, five shapes in two colours, drawn on a dark background::
 Each image has its own random position, size, rotation and a slight colour jitter. Nothing is
 downloaded and nothing is stored: image ``i`` is a pure function of ``(seed, i, image_size)``,
 computed in a few milliseconds per batch, so a tiny DiT can train on it on a laptop CPU in minutes.
-The classes differ in both shape and colour, so classifier-free guidance visibly matters:
-unconditional samples tend to be purple-ish blobs, conditional ones a crisp red square.
+The classes differ in both shape and colour, which is meant to make classifier-free guidance
+visible: a model that ignores the label can only hedge between red and blue and between shapes,
+while a guided one should draw a crisp red square.
 
 How an image is made (``make_batch``):
 
@@ -23,7 +24,9 @@ How an image is made (``make_batch``):
 
 ``ToyClassifier`` is a three-layer CNN trained on this data (``python -m minidit.toy
 train-classifier``); the repository ships its weights in ``data/toy_classifier.safetensors``.
-It reports how many DiT samples land in the class they were asked for.
+It reports how many DiT samples land in the class they were asked for. It is trained on slightly
+damaged images (noise, blur, contrast), so soft samples still count, and to be unsure on images of
+no class (noise, flat colours, two shapes overlaid, purple shapes), so smears do not.
 
 Command line::
 
@@ -131,17 +134,18 @@ def sample_params(indices: torch.Tensor, seed: int = 0) -> dict[str, torch.Tenso
     room = 1 - MARGIN - radius  # how far the centre may move from the middle
     centre = (2 * u[:, 2:4] - 1) * room[:, None]
 
-    # A rotation from (cos, sin) = ((1 - t^2) / (1 + t^2), 2t / (1 + t^2)), t uniform in [-1, 1]: angles
-    # in [-90, 90) degrees, which is every distinct pose of our shapes (the square and the plus repeat
-    # every 90 degrees, the triangle every 120). Plain arithmetic rather than torch.cos / torch.sin:
-    # these are rounded exactly the same whether torch computes an element in a SIMD lane or not,
-    # while cos and sin may differ in the last bit, and then the image of an index would depend on
-    # where it sits in the batch.
+    # A rotation from (cos, sin) = ((1 - t^2) / (1 + t^2), 2t / (1 + t^2)), t uniform in [-1, 1): the angle
+    # 2 * atan(t) lies in [-90, 90) degrees (up to twice as often near the ends as near 0), which covers
+    # every pose of our shapes (the square and the plus repeat every 90 degrees, the triangle every 120).
+    # Why not torch.cos / torch.sin of a uniform angle? IEEE 754 rounds +, -, *, / and sqrt exactly, so the
+    # same inputs give the same bits on any CPU and in any code path (SIMD lanes or scalar loop); cos and sin
+    # carry no such guarantee, and an image could then change by a bit with the machine or with where its
+    # index sits in the batch. Rendering below uses only exactly rounded operations too.
     t = 2 * u[:, 4] - 1
     rotation = torch.stack([(1 - t * t) / (1 + t * t), 2 * t / (1 + t * t)], dim=1)
 
     base = torch.tensor(list(COLOURS.values()), dtype=torch.float32)[label // len(SHAPES)]
-    colour = base + COLOUR_JITTER * (2 * u[:, 5:8] - 1)
+    colour = (base + COLOUR_JITTER * (2 * u[:, 5:8] - 1)).clamp(0, 1)
     return {"label": label, "radius": radius, "centre": centre, "rotation": rotation, "colour": colour}
 
 
@@ -207,8 +211,9 @@ def render(params: dict[str, torch.Tensor], image_size: int = 32) -> torch.Tenso
         distance[chosen] = sdf(x[chosen], y[chosen], radius[chosen])
 
     coverage = (0.5 - distance / pixel).clamp(0, 1)[:, None]  # [N, 1, S, S]: fades over one pixel
-    image = BACKGROUND + (params["colour"][:, :, None, None] - BACKGROUND) * coverage  # [N, 3, S, S] in [0, 1]
-    return image * 2 - 1
+    # background * (1 - coverage) + colour * coverage, with the colours mapped from [0, 1] to [-1, 1] first
+    background, colour = BACKGROUND * 2 - 1, params["colour"][:, :, None, None] * 2 - 1
+    return background + (colour - background) * coverage  # [N, 3, S, S]
 
 
 def make_batch(indices: torch.Tensor, seed: int = 0, image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +222,9 @@ def make_batch(indices: torch.Tensor, seed: int = 0, image_size: int = 32) -> tu
     indices: int64 [N] global sample indices (any int64 values) ->
     (images float32 [N, 3, S, S] in [-1, 1], labels int64 [N]), with S = ``image_size``.
     Image i depends only on (seed, indices[i], image_size): the same index gives the same image in any
-    batch, in any order. Different seeds give independent datasets.
+    batch, in any order. Different seeds give independent datasets. Rendered on the CPU (move the result).
     """
-    indices = torch.as_tensor(indices)
+    indices = torch.as_tensor(indices).cpu()
     if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
     params = sample_params(indices, seed)
@@ -229,8 +234,8 @@ def make_batch(indices: torch.Tensor, seed: int = 0, image_size: int = 32) -> tu
 class ToyShapes(torch.utils.data.Dataset):
     """A map-style view of the toy data: item ``i`` is ``(image float32 [3, S, S] in [-1, 1], label int)``.
 
-    For speed, prefer ``make_batch`` on a whole batch of indices; this class is for code that wants a
-    ``Dataset`` (a ``DataLoader`` with ``batch_size=B`` then calls ``make_batch`` once per image).
+    For code that wants a ``Dataset``. A ``DataLoader`` over it renders each batch with one ``make_batch``
+    call (through ``__getitems__``), as fast as calling ``make_batch`` yourself.
     """
 
     def __init__(self, length: int, seed: int = 0, image_size: int = 32):
@@ -247,6 +252,13 @@ class ToyShapes(torch.utils.data.Dataset):
         images, labels = make_batch(torch.tensor([i % self.length]), self.seed, self.image_size)
         return images[0], int(labels[0])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Many items at once (what ``DataLoader`` asks for when the dataset offers it)."""
+        if any(not -self.length <= i < self.length for i in indices):
+            raise IndexError(f"an index in {indices} is out of range for a ToyShapes of length {self.length}")
+        images, labels = make_batch(torch.tensor([i % self.length for i in indices]), self.seed, self.image_size)
+        return list(zip(images, labels.tolist()))
+
 
 # --------------------------------------------------------------------------
 # The classifier
@@ -258,7 +270,7 @@ class ToyClassifier(nn.Module):
 
     Three 3x3 conv layers (32, 64, 128 channels, ReLU, 2x2 max-pool after the first two), a global max
     pool to 128 features ("is this pattern anywhere in the image?", which learns much faster here than an
-    average), and a linear layer. About 95k parameters (380 KB in fp32).
+    average), and a linear layer. 94,538 parameters: a 370 KB file in fp32.
     ``image_size`` is the resolution it was trained at (stored with the weights); images of another
     size are resized to it first.
     """
@@ -293,9 +305,12 @@ def load_classifier(path: str | os.PathLike | None = None, image_size: int = 32)
     """
     from .checkpoint import CheckpointError, read_file
 
+    if image_size < 8:
+        raise UserError(f"image_size must be at least 8, got {image_size}")
     path = Path(path) if path is not None else DEFAULT_CLASSIFIER
     if not path.is_file():
-        raise UserError(f"no toy classifier at {path}: train one with `{TRAIN_COMMAND} --out {path}` (about a minute)")
+        command = TRAIN_COMMAND if path == DEFAULT_CLASSIFIER else f"{TRAIN_COMMAND} --out {path}"
+        raise UserError(f"no toy classifier at {path}: train one with `{command}` (about a minute on 2 CPU cores)")
     try:
         state = read_file(path)
     except CheckpointError as e:
@@ -307,18 +322,27 @@ def load_classifier(path: str | os.PathLike | None = None, image_size: int = 32)
         classifier.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path} does not fit ToyClassifier: {str(e).splitlines()[0]}") from None
-    if image_size < 8:
-        raise UserError(f"image_size must be at least 8, got {image_size}")
     return classifier.eval()
 
 
 @torch.no_grad()
-def classify(images: torch.Tensor, classifier: ToyClassifier | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Predicted classes of images float32 [N, 3, S, S] in [-1, 1] -> int64 [N] (the shipped classifier by default)."""
+def classify(
+    images: torch.Tensor, classifier: ToyClassifier | None = None, batch_size: int = 256, min_confidence: float = 0.0
+) -> torch.Tensor:
+    """Predicted classes of images float32 [N, 3, S, S] in [-1, 1] -> int64 [N] (the shipped classifier by default).
+
+    The classifier was trained to be unsure (near-uniform probabilities) on images of no class: noise,
+    flat colours, two shapes overlaid, shapes in an in-between colour. By default every image still gets
+    its most likely class; with ``min_confidence`` (e.g. 0.5), images whose top probability is lower get
+    label -1 ("no class"), so a smear never counts as the right class by luck.
+    """
     if classifier is None:
         classifier = load_classifier(image_size=images.shape[-1])
     device = next(classifier.parameters()).device
-    labels = [classifier(chunk.to(device, torch.float32)).argmax(dim=1).cpu() for chunk in images.split(batch_size)]
+    labels = []
+    for chunk in images.split(batch_size):
+        confidence, label = F.softmax(classifier(chunk.to(device, torch.float32)), dim=1).max(dim=1)
+        labels.append(torch.where(confidence >= min_confidence, label, -1).cpu())
     return torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
 
@@ -337,23 +361,22 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _junk(params: dict[str, torch.Tensor], images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images that belong to no class, one kind per quarter, as many as ``images`` [N, 3, S, S]: Gaussian
-    noise, a uniform colour, the average of two toy images, a toy shape in a colour halfway between red and
-    blue. The classifier learns to be unsure on them (uniform target), so junk is not confidently one class."""
+    """Images of no class, one per image of ``images`` [N, 3, S, S] (whose ``params`` they reuse), of four kinds
+    in turn: Gaussian noise, a flat colour, the average of two toy images, a toy shape in a colour halfway
+    between red and blue. The classifier learns to be unsure on them, so junk is never confidently a class."""
     n, _, s, _ = images.shape
-    kind = torch.arange(n) % 4
 
     def rand(*shape):
         return torch.rand(*shape, generator=generator)
 
     colour = 2 * rand(n, 3, 1, 1) - 1
     noise = colour + rand(n, 1, 1, 1) * torch.randn(images.shape, generator=generator)
-    uniform = colour.expand(n, 3, s, s)
+    flat = colour.expand(n, 3, s, s)
     average = (images + images.roll(1, dims=0)) / 2  # two different images, usually of different classes
-    red, blue = (torch.tensor(c) for c in COLOURS.values())
-    purple = {**params, "colour": torch.lerp(red, blue, 0.35 + 0.3 * rand(n, 1))}
-    halfway = render(purple, s)
-    return torch.stack([noise, uniform, average, halfway])[kind, torch.arange(n)]
+    red, blue = (torch.tensor(rgb) for rgb in COLOURS.values())
+    halfway = render({**params, "colour": torch.lerp(red, blue, 0.35 + 0.3 * rand(n, 1))}, s)
+    kind = torch.arange(n) % 4
+    return torch.stack([noise, flat, average, halfway])[kind, torch.arange(n)]
 
 
 def evaluate(classifier: ToyClassifier, n: int = 2000, seed: int = 1, image_size: int = 32, start: int = 0) -> float:
@@ -366,21 +389,29 @@ HELD_OUT_START = 1 << 40  # training uses indices below this; held-out accuracy 
 
 
 def train_classifier(
-    out: str | os.PathLike, steps: int = 800, batch_size: int = 128, seed: int = TRAIN_SEED, image_size: int = 32
+    out: str | os.PathLike,
+    steps: int = 800,
+    batch_size: int = 128,
+    seed: int = TRAIN_SEED,
+    image_size: int = 32,
+    held_out: int = 5000,
 ) -> dict:
     """Train a ``ToyClassifier`` on fresh toy images (data seed ``seed``) and save it to ``out`` (safetensors).
 
-    Step ``k`` sees indices ``k * batch_size ... (k + 1) * batch_size - 1`` (every image is new) plus
-    ``batch_size // 4`` junk images (``_junk``), all damaged a little by ``_augment``. Returns ``{"accuracy", "held_out", "steps", "seconds", "path"}``, the accuracy
-    measured on 5000 held-out indices (at ``HELD_OUT_START`` and beyond, never trained on).
+    Step ``k`` sees the toy images ``k * batch_size ... (k + 1) * batch_size - 1`` (every image is new) and
+    ``batch_size // 4`` junk images (``_junk``), all damaged a little by ``_augment``. Loss: cross-entropy
+    with the class for toy images, with the uniform distribution for junk. ``seed`` seeds the data, the
+    initial weights and the augmentation. Returns ``{"accuracy", "held_out", "steps", "seconds", "path"}``:
+    the accuracy on ``held_out`` held-out images (indices from ``HELD_OUT_START`` on, never trained on).
     """
     from tqdm import tqdm
 
     from .checkpoint import save_checkpoint
 
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # seed the initial weights without touching the caller's global RNG
+        torch.manual_seed(seed)
+        classifier = ToyClassifier(image_size)
     generator = torch.Generator().manual_seed(seed)
-    classifier = ToyClassifier(image_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=1e-4)
     warmup = max(1, steps // 10)  # linear warm-up, then a cosine decay to 0
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -392,19 +423,20 @@ def train_classifier(
     for step in bar:
         params = sample_params(torch.arange(step * batch_size, (step + 1) * batch_size), seed)
         images, labels = render(params, image_size), params["label"]
-        junk = _junk(params, images, generator)[: batch_size // 4]
+        few = batch_size // 4
+        junk = _junk({k: v[:few] for k, v in params.items()}, images[:few], generator)
         logits = classifier(_augment(torch.cat([images, junk]), generator))
-        # Real images: cross-entropy with their class. Junk: cross-entropy with the uniform distribution.
-        loss = F.cross_entropy(logits[:batch_size], labels) - 0.5 * F.log_softmax(logits[batch_size:], 1).mean()
+        loss = class_loss = F.cross_entropy(logits[:batch_size], labels)
+        if few > 0:  # junk: cross-entropy with the uniform distribution over the classes (at best log 10)
+            loss = class_loss - 0.5 * F.log_softmax(logits[batch_size:], dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(class_loss=f"{class_loss.item():.4f}")
     bar.close()
     classifier.eval()
-    held_out = 5000
     accuracy = evaluate(classifier, held_out, seed, image_size, start=HELD_OUT_START)
     save_checkpoint(classifier.state_dict(), out)
     seconds = time.perf_counter() - start
@@ -433,7 +465,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scal
 
 
 def preview_batch(per_class: int = 8, seed: int = 0, image_size: int = 32) -> torch.Tensor:
-    """The first ``per_class`` images of each class (of data seed ``seed``), class by class: [10 * per_class, 3, S, S]."""
+    """The first ``per_class`` images of each class (data seed ``seed``), class by class: [10 * per_class, 3, S, S]."""
     indices = torch.arange(per_class * NUM_CLASSES * 4)
     while True:
         images, labels = make_batch(indices, seed, image_size)
@@ -464,6 +496,15 @@ def _image_size(text: str) -> int:
     return value
 
 
+def _check_writable(path: Path) -> None:
+    try:
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    if path.is_dir() or not os.access(path if path.exists() else path.resolve().parent, os.W_OK):
+        raise UserError(f"cannot write {path}: not a writable file path")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minidit.toy", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -473,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--batch-size", type=_positive_int, default=128, help="images per step (default 128)")
     train.add_argument("--seed", type=int, default=TRAIN_SEED, help="data and initialisation seed (default 0)")
     train.add_argument("--image-size", type=_image_size, default=32, help="image side in pixels (default 32)")
-    train.add_argument("--out", type=Path, default=DEFAULT_CLASSIFIER, help="where to write the .safetensors file")
+    train.add_argument("--held-out", type=_positive_int, default=5000, help="images to test on (default 5000)")
+    train.add_argument("--out", type=Path, default=DEFAULT_CLASSIFIER, help="default data/toy_classifier.safetensors")
 
     preview = commands.add_parser("preview", help="save a grid of toy images, one row per class")
     preview.add_argument("--out", type=Path, default=Path("toy_preview.png"), help="PNG path (default toy_preview.png)")
@@ -482,10 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--image-size", type=_image_size, default=32, help="image side in pixels (default 32)")
 
     args = parser.parse_args(argv)
+    if args.command == "train-classifier" and args.out.suffix != ".safetensors":
+        parser.error(f"--out must end in .safetensors, got {args.out}")
+    _check_writable(args.out)  # fail now, not after a minute of training
     if args.command == "train-classifier":
-        if args.out.suffix != ".safetensors":
-            parser.error(f"--out must end in .safetensors, got {args.out}")
-        result = train_classifier(args.out, args.steps, args.batch_size, args.seed, args.image_size)
+        result = train_classifier(args.out, args.steps, args.batch_size, args.seed, args.image_size, args.held_out)
         print(
             f"held-out accuracy {result['accuracy']:.2%} on {result['held_out']} images; "
             f"wrote {result['path']} ({os.path.getsize(result['path']) / 1024:.0f} KB) in {result['seconds']:.0f} s"

@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import minidit
 
@@ -24,3 +26,94 @@ def small_dit():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def save_image(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(path)
+
+
+def random_image(rng, h, w):
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def make_folder(root, counts=(4, 3, 3), size=64, seed=0):
+    """Class folders c0, c1, ... with ``counts`` random ``size``-px PNGs each (some nested)."""
+    rng = np.random.default_rng(seed)
+    for c, k in enumerate(counts):
+        for i in range(k):
+            sub = "nested/" if i == k - 1 else ""
+            save_image(root / f"c{c}" / f"{sub}img{i}.png", random_image(rng, size, size))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A randomly initialised AutoencoderKL with the SD VAE's layout in miniature: 4 blocks (8x), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("tiny_vae")
+    vae.save_pretrained(path)
+    return path
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _py2_pickle_meta(label_names, per_batch):
+    """``batches.meta`` byte for byte as Python 2 pickled it (protocol 2): its strings are Python 2 ``str``
+    (SHORT_BINSTRING), which Python 3 reads back only with an ``encoding``."""
+
+    def py2_str(text):
+        data = text.encode("latin1")
+        return b"U" + bytes([len(data)]) + data
+
+    names = b"".join(py2_str(name) for name in label_names)
+    return (
+        b"\x80\x02}("  # PROTO 2, EMPTY_DICT, MARK
+        + py2_str("num_cases_per_batch") + b"J" + per_batch.to_bytes(4, "little")  # BININT
+        + py2_str("label_names") + b"](" + names + b"e"  # EMPTY_LIST, MARK, ..., APPENDS
+        + py2_str("num_vis") + b"J" + (3072).to_bytes(4, "little")
+        + b"u."  # SETITEMS, STOP
+    )  # fmt: skip
+
+
+def write_fake_cifar10(root, per_batch=4, seed=0, protocol=2):
+    """A small CIFAR-10 as the official archive extracts it (torchvision's layout): ``root/cifar-10-batches-py/``
+    with ``data_batch_1..5`` and ``test_batch`` (pickled dicts: ``data`` uint8 rows [n, 3072] of 1024 red,
+    1024 green then 1024 blue values; ``labels``; ``batch_label``; ``filenames``) and ``batches.meta``
+    (``label_names`` = CIFAR10_NAMES, as Python 2 wrote it).
+
+    Returns ``{file name: (images uint8 [n, 32, 32, 3], labels list of n ints)}`` for the 6 batch files.
+    """
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, size=(per_batch, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per_batch).tolist()
+        entry = {
+            "batch_label": name,
+            "labels": labels,
+            "data": images.transpose(0, 3, 1, 2).reshape(per_batch, 3072),  # [n, H, W, 3] -> R, G, B planes
+            "filenames": [f"{name}_{i}.png" for i in range(per_batch)],
+        }
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
+        batches[name] = (images, labels)
+    (folder / "batches.meta").write_bytes(_py2_pickle_meta(CIFAR10_NAMES, per_batch))
+    return batches

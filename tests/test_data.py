@@ -9,6 +9,7 @@ offline machine.
 import json
 import os
 import pickle
+import re
 import shutil
 import time
 import urllib.error
@@ -18,6 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_NAMES, make_folder, random_image, save_image, write_fake_cifar10
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -29,6 +31,7 @@ from minidit.data import (
     build_dataset,
     center_crop_arr,
     cifar10,
+    load_cifar10_arrays,
     to_signed,
 )
 from minidit.errors import DataError, UserError, run_cli
@@ -45,25 +48,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def save_image(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(path)
-
-
-def random_image(rng, h, w):
-    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
-def make_folder(root, counts=(4, 3, 3), size=64, seed=0):
-    """Class folders c0, c1, ... with ``counts`` random ``size``-px PNGs each (some nested)."""
-    rng = np.random.default_rng(seed)
-    for c, k in enumerate(counts):
-        for i in range(k):
-            sub = "nested/" if i == k - 1 else ""
-            save_image(root / f"c{c}" / f"{sub}img{i}.png", random_image(rng, size, size))
-    return root
 
 
 def one_line(message: str) -> bool:
@@ -215,36 +199,14 @@ def test_image_folder_errors_name_the_path(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# CIFAR-10
+# CIFAR-10 (a small fake in torchvision's on-disk layout: conftest.write_fake_cifar10)
 # --------------------------------------------------------------------------
-
-CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def write_fake_cifar10(root, per_batch=4, seed=0):
-    """torchvision's on-disk CIFAR-10: pickled dicts of uint8 rows [n, 3072] (R, G, B planes) and labels."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {
-            "batch_label": name,
-            "data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, size=per_batch).tolist(),
-            "filenames": [f"{name}_{i}.png" for i in range(per_batch)],
-        }
-        (folder / name).write_bytes(pickle.dumps(entry))
-        batches[name] = entry
-    meta = {"num_cases_per_batch": per_batch, "label_names": CIFAR_NAMES, "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
-    return batches
 
 
 @pytest.fixture
 def no_download(monkeypatch):
-    """torchvision's CIFAR download fails like an offline machine; urlopen too, as a safety net."""
-    import torchvision.datasets.cifar
+    """torchvision's download fails like an offline machine; urlopen too, as a safety net. -> the calls made."""
+    import torchvision.datasets.utils
 
     calls = []
 
@@ -252,25 +214,74 @@ def no_download(monkeypatch):
         calls.append(args)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     return calls
 
 
-def test_fake_cifar10_loads_offline(tmp_path, no_download):
-    batches = write_fake_cifar10(tmp_path)
-    ds = cifar10(root=tmp_path)  # download=True, but the files are there: no network, no MD5 refusal
-    assert no_download == []
+@pytest.fixture
+def official_md5s(monkeypatch):
+    """Make torchvision's list of official MD5s that of the files in a folder: ``official_md5s(folder)``."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    def set_md5s(folder):
+        md5 = lambda name: calculate_md5(str(folder / name))
+        monkeypatch.setattr(CIFAR10, "train_list", [[name, md5(name)] for name, _ in CIFAR10.train_list])
+        monkeypatch.setattr(CIFAR10, "test_list", [[name, md5(name)] for name, _ in CIFAR10.test_list])
+        monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])})
+
+    return set_md5s
+
+
+def not_official(record) -> list[str]:
+    return [str(w.message) for w in record if "differ from the official CIFAR-10" in str(w.message)]
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_fake_cifar10_loads_offline(tmp_path, no_download, protocol):
+    batches = write_fake_cifar10(tmp_path, protocol=protocol)
+    train = [f"data_batch_{i}" for i in range(1, 6)]
+    with pytest.warns(UserWarning, match="differ from the official CIFAR-10") as record:
+        images, labels, names = load_cifar10_arrays(tmp_path)  # download=True, but the files are there
+    assert no_download == [] and len(not_official(record)) == 1  # one warning for the whole copy
+    assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(images, np.concatenate([batches[b][0] for b in train]))  # R, G, B planes -> HWC
+    assert labels.dtype == np.int64 and labels.tolist() == sum((batches[b][1] for b in train), [])
+    assert names == CIFAR10_NAMES  # from batches.meta, written as Python 2 strings
+
+    with pytest.warns(UserWarning, match="official"):
+        ds = cifar10(root=tmp_path)
     assert isinstance(ds, CIFAR10Dataset) and len(ds) == 20
-    assert ds.class_names == CIFAR_NAMES and ds.num_classes == 10
+    assert ds.class_names == CIFAR10_NAMES and ds.num_classes == 10
     assert (ds.in_channels, ds.input_size, ds.flip_mode) == (3, 32, "pixels")
     x, y = ds[5]  # data_batch_2, row 1
-    row = batches["data_batch_2"]["data"][1]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == batches["data_batch_2"]["labels"][1]
-    assert torch.equal(x, to_signed(row.reshape(3, 32, 32).transpose(1, 2, 0)))  # R, G, B planes -> channels
-    test = cifar10(root=tmp_path, train=False)
-    assert len(test) == 4 and test.targets == batches["test_batch"]["labels"]
-    assert len(build_dataset("cifar10", str(tmp_path), 32)) == 20
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == batches["data_batch_2"][1][1]
+    assert torch.equal(x, to_signed(batches["data_batch_2"][0][1]))
+    with pytest.warns(UserWarning, match="official"):
+        test = cifar10(root=tmp_path, train=False)
+    assert len(test) == 4 and test.targets == batches["test_batch"][1]
+    with pytest.warns(UserWarning, match="official"):
+        assert len(build_dataset("cifar10", str(tmp_path), 32)) == 20
+    assert no_download == []
+
+
+def test_official_cifar10_loads_without_warning_and_a_tampered_copy_warns(tmp_path, no_download, official_md5s):
+    write_fake_cifar10(tmp_path)
+    official_md5s(tmp_path / "cifar-10-batches-py")  # as if the fake were the official release
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cifar10(root=tmp_path)
+        cifar10(root=tmp_path, train=False)
+    write_fake_cifar10(tmp_path / "other", seed=1)  # same layout, other pixels: a valid but different file
+    shutil.copy(tmp_path / "other" / "cifar-10-batches-py" / "data_batch_4", tmp_path / "cifar-10-batches-py")
+    with pytest.warns(UserWarning) as record:
+        cifar10(root=tmp_path)
+    assert len(record) == 1 and one_line(str(record[0].message))
+    assert re.search(r"cifar-10-batches-py: data_batch_4 differ from the official CIFAR-10", str(record[0].message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cifar10(root=tmp_path, train=False)  # the test split does not read data_batch_4
 
 
 def test_cifar10_offline_without_files_is_a_quick_data_error(tmp_path, no_download):
@@ -279,44 +290,99 @@ def test_cifar10_offline_without_files_is_a_quick_data_error(tmp_path, no_downlo
         cifar10(root=tmp_path / "cifar")
     assert time.perf_counter() - t0 < 5 and len(no_download) == 1
     assert "name resolution" in str(e.value) and one_line(str(e.value))
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="cannot download CIFAR-10"):
+        load_cifar10_arrays(tmp_path / "cifar", train=False)
+    with pytest.raises(DataError, match=r"CIFAR-10 not found \(no data_batch_1, .*batches.meta\)") as e:
         cifar10(root=tmp_path / "cifar", download=False)
+    assert one_line(str(e.value)) and len(no_download) == 2
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="is a file"):
+        cifar10(root=tmp_path / "file")
+
+
+def test_cifar10_archive_put_by_hand_is_extracted_offline(tmp_path, monkeypatch):
+    """torchvision's real download path: a verified cifar-10-python.tar.gz in root is extracted, nothing fetched."""
+    import tarfile
+
+    import torchvision.datasets.utils
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    def offline(*args, **kwargs):
+        raise AssertionError("no network access expected")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "_urlretrieve", offline)
+    batches = write_fake_cifar10(tmp_path / "src")
+    root = tmp_path / "cifar"
+    root.mkdir()
+    with tarfile.open(root / CIFAR10.filename, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", calculate_md5(str(root / CIFAR10.filename)))
+    with pytest.warns(UserWarning, match="official"):
+        images, labels, names = load_cifar10_arrays(root, train=False)
+    np.testing.assert_array_equal(images, batches["test_batch"][0])
+    assert labels.tolist() == batches["test_batch"][1] and names == CIFAR10_NAMES
+    assert (root / "cifar-10-batches-py" / "data_batch_5").is_file()
 
 
 def test_cifar10_damaged_copy_is_a_data_error(tmp_path, no_download):
     write_fake_cifar10(tmp_path)
-    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04 truncated")
-    with pytest.raises(DataError, match="damaged CIFAR-10 files"):
-        cifar10(root=tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    good = (folder / "data_batch_3").read_bytes()
+    for damage, expected in [
+        (b"\x80\x04 truncated", "UnpicklingError"),
+        (good[: len(good) // 2], "UnpicklingError|EOFError"),
+        (pickle.dumps([1, 2, 3]), "holds a list, not a dict"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}), r"uint8 data \[N, 3072\]"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "expected 2 integer labels"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), r"labels 0..10 outside 0..9"),
+    ]:
+        (folder / "data_batch_3").write_bytes(damage)
+        with pytest.raises(DataError, match=f"data_batch_3: damaged CIFAR-10 file .*({expected})") as e:
+            cifar10(root=tmp_path)
+        assert one_line(str(e.value)) and "download it again" in str(e.value)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": None}))
+    with pytest.raises(DataError, match="batches.meta: damaged CIFAR-10 file"):
+        cifar10(root=tmp_path, train=False)
+    assert no_download == []
     with pytest.raises(UserError, match="32x32"):
         build_dataset("cifar10", str(tmp_path), 64)
+
+
+class RunsCode:
+    """Unpickling this with ``pickle.load`` runs code (a GLOBAL builtins.exec, then REDUCE): it creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "batches.meta"])
+def test_cifar10_files_cannot_run_code(tmp_path, no_download, name):
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({"data": RunsCode(marker), "labels": [0], "label_names": [RunsCode(marker)]}, protocol=2)
+    pickle.loads(payload)  # the payload really runs code when unpickled the usual way ...
+    assert marker.is_file()
+    marker.unlink()
+    (tmp_path / "cifar-10-batches-py" / name).write_bytes(payload)
+    # (protocol 2 names Python 3's builtins module __builtin__)
+    refused = rf"{name}: damaged CIFAR-10 file .*refused to load (__builtin__|builtins).exec"
+    with pytest.raises(DataError, match=refused) as e:
+        load_cifar10_arrays(tmp_path)
+    assert one_line(str(e.value))
+    assert not marker.exists()  # ... but not here
+    with pytest.raises(DataError, match="refused"):
+        cifar10(root=tmp_path)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------
 # VAE
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    """A randomly initialised AutoencoderKL with the SD VAE's layout in miniature: 4 blocks (8x), 4 latent channels."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("tiny_vae")
-    vae.save_pretrained(path)
-    return path
 
 
 def test_vae_load_encode_decode(tiny_vae_dir):

@@ -3,7 +3,6 @@ toy metrics and the command line, all offline with small injected networks inste
 
 import ast
 import os
-import pickle
 import re
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_fake_cifar10
 from PIL import Image
 from scipy import linalg
 
@@ -216,63 +216,16 @@ def test_reference_statistics_are_cached(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# CIFAR-10 from a fake local copy in torchvision's layout
+# FID against CIFAR-10 (a fake local copy in torchvision's layout)
 # --------------------------------------------------------------------------
 
 
-def make_fake_cifar10(root: Path, per_batch: int = 8) -> np.ndarray:
-    """cifar-10-batches-py/ as the real archive extracts: 5 train batches, test batch, meta. -> train images."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    train = random_images(5 * per_batch, size=32, seed=11)
-    batches = {f"data_batch_{i + 1}": train[i * per_batch : (i + 1) * per_batch] for i in range(5)}
-    batches["test_batch"] = random_images(per_batch, size=32, seed=12)
-    for name, images in batches.items():
-        entry = {
-            "batch_label": name,
-            "labels": [i % 10 for i in range(len(images))],
-            "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),  # rows: 1024 R, 1024 G, 1024 B
-            "filenames": [f"{name}_{i}.png" for i in range(len(images))],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
-    return train
-
-
-def test_fake_cifar10_is_read_without_network(tmp_path):
-    import torchvision
-
-    train = make_fake_cifar10(tmp_path)
-    with pytest.raises(RuntimeError, match="corrupted"):  # torchvision checks md5s: why we read the files ourselves
-        torchvision.datasets.CIFAR10(str(tmp_path), train=True, download=False)
-    with pytest.warns(UserWarning, match="differ from the official CIFAR-10"):
-        images = evaluate.load_cifar10(tmp_path, download=False)
-    np.testing.assert_array_equal(images, train)
-
-
-def test_cifar10_batch_files_cannot_run_code(tmp_path):
-    make_fake_cifar10(tmp_path)
-    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
-        pickle.dump({"data": types.SimpleNamespace()}, f)  # any global outside numpy arrays is refused
-    with pytest.raises(UserError, match="data_batch_3: not a CIFAR-10 batch file.*refused"):
-        evaluate.load_cifar10(tmp_path, download=False)
-
-
-def test_cifar10_download_failure_is_one_clear_error(tmp_path, monkeypatch):
-    import torchvision.datasets
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(UserError, match=r"could not download CIFAR-10.*cifar-10-batches-py"):
-        evaluate.load_cifar10(tmp_path / "empty")
-
-
 def test_cli_fid_against_cifar10(tmp_path, monkeypatch, capsys):
-    train = make_fake_cifar10(tmp_path / "cifar")
+    """The CIFAR-10 reference is read by minidit.data (tested in test_data.py): its 50k training images."""
+    batches = write_fake_cifar10(tmp_path / "cifar", per_batch=8)
+    train = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
+    with pytest.warns(UserWarning, match="differ from the official CIFAR-10"):
+        np.testing.assert_array_equal(evaluate.load_cifar10(tmp_path / "cifar", download=False), train)
     extractor = TinyExtractor()
     monkeypatch.setattr(evaluate, "inception_extractor", lambda device=None: extractor)
     samples = random_images(36, size=32, seed=13)

@@ -43,7 +43,10 @@ def assert_same_weights(a: dict, b: dict, exact: bool = True):
             if exact:
                 assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
             else:
-                torch.testing.assert_close(a[part][k], b[part][k], atol=2e-5, rtol=1e-4, msg=f"{part}.{k}")
+                # fp32 sums in another order differ in the last bits; Adam turns a near-zero gradient's
+                # rounding into a step of up to +-lr, so a handful of weights may differ by ~lr/30.
+                diff = (a[part][k] - b[part][k]).abs().max().item()
+                assert diff <= 1e-4, f"{part}.{k} differs by {diff:.3g}"
 
 
 def free_port() -> int:
@@ -72,7 +75,8 @@ def test_presets_are_valid_and_overridable():
     cfg = C.build_config(preset, over)
     assert cfg.model == "DiT-S/2" and cfg.lr == 3e-4 and cfg.global_batch_size == 128
     xl = C.build_config("imagenet256-xl2")
-    assert (xl.model, xl.global_batch_size, xl.lr, xl.ema_decay, xl.weight_decay) == ("DiT-XL/2", 256, 1e-4, 0.9999, 0.0)
+    recipe = (xl.model, xl.global_batch_size, xl.lr, xl.ema_decay, xl.weight_decay)
+    assert recipe == ("DiT-XL/2", 256, 1e-4, 0.9999, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +110,8 @@ def test_bad_options_fail_before_any_work(argv, message, tmp_path):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     out = cli("-m", "minidit.train", "--modle", "DiT-S/2", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: unknown option --modle (did you mean 'model'?); see --help for the list"]
+    expected = "error: unknown option --modle (did you mean 'model'?); see --help for the list"
+    assert out.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "runs").exists()
 
 
@@ -276,10 +281,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     one = run_train(tmp_path, "--max-steps", "3", name="one")
     two = tmp_path / "two"
-    out = cli(
-        "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "minidit.train",
-        *TINY, "--max-steps", "3", "--run-dir", str(two), cwd=tmp_path,
-    )  # fmt: skip
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    out = cli(*launcher, "-m", "minidit.train", *TINY, "--max-steps", "3", "--run-dir", str(two), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es), batch 8 = 2 x 4 x 1" in out.stdout
     assert_same_weights(final_state(one), final_state(two), exact=False)
@@ -287,3 +290,43 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     rows_two = [json.loads(r) for r in (two / "log.jsonl").read_text().splitlines()]
     # the logged loss is all-reduced over both processes: it equals the 1-process loss
     assert rows_one[0]["loss"] == pytest.approx(rows_two[0]["loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Real datasets: an image folder and VAE latents
+# --------------------------------------------------------------------------
+
+
+def test_train_on_an_image_folder(tmp_path):
+    from conftest import make_folder
+
+    data = make_folder(tmp_path / "imgs", counts=(5, 5, 6), size=40)
+    run_dir = run_train(tmp_path, "--data", "folder", "--data-path", str(data), "--max-steps", "2", "--log-every", "1")
+    ckpt = final_state(run_dir)
+    assert ckpt["class_names"] == ["c0", "c1", "c2"]
+    assert ckpt["model"]["y_embedder.embedding_table.weight"].shape[0] == 4  # 3 classes + null
+
+
+def test_train_on_extracted_latents(tmp_path, tiny_vae_dir):
+    from conftest import make_folder
+
+    from minidit import extract_latents
+
+    data = make_folder(tmp_path / "imgs", counts=(4, 4), size=64)
+    latents = tmp_path / "latents"
+    argv = ["--data-path", str(data), "--out", str(latents), "--image-size", "64", "--vae", str(tiny_vae_dir)]
+    assert extract_latents.main([*argv, "--shard-size", "4", "--flip", "--num-workers", "0", "--device", "cpu"]) == 0
+    run_dir = run_train(
+        tmp_path, "--data", "latents", "--data-path", str(latents), "--image-size", "64", "--model", "DiT-Ti/2",
+        "--max-steps", "2", "--log-every", "1", "--vae", str(tiny_vae_dir),
+    )  # fmt: skip
+    ckpt = final_state(run_dir)
+    assert ckpt["model"]["x_embedder.proj.weight"].shape == (192, 4, 2, 2)  # 4 latent channels
+    assert (run_dir / "samples" / "final.png").is_file()  # decoded by the VAE
+
+
+def test_missing_data_dir_is_one_line(tmp_path, capsys):
+    code = run_cli(train.main, [*TINY, "--data", "folder", "--data-path", str(tmp_path / "nowhere")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0]

@@ -1,0 +1,88 @@
+"""What every exercise check shares: seeded inputs, comparisons that explain themselves, one success line.
+
+A check calls the learner's function on seeded inputs, compares with the reference in
+``minidit``, and either prints exactly one line::
+
+    ✅ Exercise 1.2 (unpatchify) passed
+
+or raises ``AssertionError`` with a specific hint. Lesson modules (``minidit.course.lesson01`` ...)
+build their checks from these pieces; their tests prove each check rejects plausible mistakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class ExerciseFailed(AssertionError):
+    """A check that did not pass; the message says what was expected and, where it can, why."""
+
+
+def passed(exercise: str) -> None:
+    """Print the one fixed success line of ``exercise`` ("1.2 (unpatchify)")."""
+    print(f"✅ Exercise {exercise} passed")
+
+
+def fail(exercise: str, message: str) -> None:
+    raise ExerciseFailed(f"Exercise {exercise}: {message}")
+
+
+def call(exercise: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Call the learner's function; a stub's NotImplementedError and any crash become a clear failure."""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        fail(exercise, "not implemented yet: replace the `raise NotImplementedError(...)` line with your code.")
+    except ExerciseFailed:
+        raise
+    except Exception as e:  # a learner's bug: show it, in one line, with the exercise's name
+        fail(exercise, f"your function raised {type(e).__name__}: {e}")
+
+
+def expect_tensor(exercise: str, got: Any, name: str = "the result") -> torch.Tensor:
+    if not isinstance(got, torch.Tensor):
+        fail(exercise, f"{name} should be a torch.Tensor, got {type(got).__name__}.")
+    return got
+
+
+def expect_shape(exercise: str, got: torch.Tensor, shape: tuple[int, ...], hints: dict | None = None) -> None:
+    """Shapes must match exactly; ``hints`` maps a wrong shape to an explanation of the likely mistake."""
+    if tuple(got.shape) != tuple(shape):
+        hint = (hints or {}).get(tuple(got.shape), "")
+        fail(exercise, f"got shape {tuple(got.shape)}, expected {tuple(shape)}." + (f" {hint}" if hint else ""))
+
+
+def expect_close(
+    exercise: str,
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    diagnose: Callable[[torch.Tensor], str | None] | None = None,
+    what: str = "values",
+) -> None:
+    """Values must match the reference. On a mismatch, ``diagnose(got)`` may name the likely mistake
+    (e.g. by testing the learner's output against known wrong variants)."""
+    expect_shape(exercise, got, tuple(expected.shape))
+    got64, exp64 = got.detach().double(), expected.detach().double()
+    if torch.allclose(got64, exp64, atol=atol, rtol=rtol):
+        return
+    err = (got64 - exp64).abs().max().item()
+    rel = err / max(exp64.abs().max().item(), 1e-12)
+    hint = diagnose(got) if diagnose is not None else None
+    message = f"{what} differ from the reference: max abs error {err:.3g} (relative {rel:.2g}; should be < {rtol:g})."
+    fail(exercise, message + (f" {hint}" if hint else ""))
+
+
+def matches(got: torch.Tensor, candidate: torch.Tensor, atol: float = 1e-5) -> bool:
+    """Does ``got`` equal a known wrong variant? Used by checks to name a mistake."""
+    return tuple(got.shape) == tuple(candidate.shape) and torch.allclose(
+        got.detach().double(), candidate.detach().double(), atol=atol, rtol=1e-5
+    )
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

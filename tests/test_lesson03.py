@@ -1,0 +1,434 @@
+"""Lesson 03's checks are real: the right answers pass (printing exactly the one success line), the stubs fail,
+and plausible mistakes are each rejected with a hint that names them."""
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidit.attention import Attention
+from minidit.course import lesson03
+from minidit.course.checks import ExerciseFailed
+from minidit.model import Mlp, modulate
+
+
+def passes(check, fn, label, capsys):
+    check(fn)
+    assert capsys.readouterr().out == f"✅ Exercise {label} passed\n"
+
+
+def rejected(check, fn, hint):
+    with pytest.raises(ExerciseFailed) as err:
+        check(fn)
+    assert hint in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError("Exercise 3.x: replace this line with your code")
+
+
+# --------------------------------------------------------------------------
+# 3.1 (attention)
+# --------------------------------------------------------------------------
+
+
+def attention(q, k, v):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return scores.softmax(dim=-1) @ v
+
+
+def attention_einsum(q, k, v):
+    w = torch.einsum("bhnd,bhmd->bhnm", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
+    return torch.einsum("bhnm,bhme->bhne", w, v)
+
+
+def attention_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_no_scale(q, k, v):
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def attention_over_d(q, k, v):
+    return (q @ k.transpose(-2, -1) / q.shape[-1]).softmax(dim=-1) @ v
+
+
+def attention_times_sqrt_d(q, k, v):
+    return (q @ k.transpose(-2, -1) * math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+
+
+def attention_softmax_queries(q, k, v):
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-2) @ v
+
+
+def attention_value_width(q, k, v):
+    return (q @ k.transpose(-2, -1) / math.sqrt(v.shape[-1])).softmax(dim=-1) @ v
+
+
+def attention_no_softmax(q, k, v):
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])) @ v
+
+
+def attention_weights_only(q, k, v):
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+
+
+def attention_k_q(q, k, v):
+    return (k @ q.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("fn", [attention, attention_einsum, attention_sdpa])
+def test_attention_passes(fn, capsys):
+    passes(lesson03.check_attention, fn, "3.1 (attention)", capsys)
+
+
+@pytest.mark.parametrize(
+    "fn, hint",
+    [
+        (stub, "Exercise 3.1 (attention): not implemented yet"),
+        (attention_no_scale, "the 1/√d scale is missing"),
+        (attention_over_d, "you divided the scores by d = 8"),
+        (attention_times_sqrt_d, "you multiplied the scores by √d"),
+        (attention_softmax_queries, "the softmax ran over the queries (dim=-2)"),
+        (attention_value_width, "using the width of v"),
+        (attention_no_softmax, "the softmax is missing"),
+        (attention_weights_only, "that is the shape of the attention WEIGHTS"),
+        (attention_k_q, "the scores are transposed"),
+    ],
+)
+def test_attention_rejects(fn, hint):
+    rejected(lesson03.check_attention, fn, hint)
+
+
+def test_attention_failure_names_the_input():
+    message = rejected(lesson03.check_attention, attention_no_scale, "the 1/√d scale is missing")
+    assert "[input: q [2, 3, 5, 8], k [2, 3, 5, 8], v [2, 3, 5, 8]]" in message
+
+
+# --------------------------------------------------------------------------
+# 3.2 (multi_head)
+# --------------------------------------------------------------------------
+
+
+def multi_head(x, qkv, proj, num_heads, order=(0, 1, 2), layout="3hd", merge=True, use_proj=True, heads=None):
+    B, N, D = x.shape
+    H = heads or num_heads
+    d = D // H
+    if layout == "3hd":
+        y = qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    else:  # (B, N, H, 3, d): the heads split first
+        y = qkv(x).reshape(B, N, H, 3, d).permute(3, 0, 2, 1, 4)
+    q, k, v = (y[i] for i in order)
+    out = attention(q, k, v)
+    out = out.transpose(1, 2).reshape(B, N, D) if merge else out.reshape(B, N, D)
+    return proj(out) if use_proj else out
+
+
+def multi_head_chunked(x, qkv, proj, num_heads):
+    B, N, D = x.shape
+    q, k, v = (t.view(B, N, num_heads, D // num_heads).transpose(1, 2) for t in qkv(x).chunk(3, dim=-1))
+    return proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+def multi_head_scale_by_D(x, qkv, proj, num_heads):
+    B, N, D = x.shape
+    q, k, v = qkv(x).reshape(B, N, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
+    out = (q @ k.transpose(-2, -1) / math.sqrt(D)).softmax(-1) @ v
+    return proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+def multi_head_unmerged(x, qkv, proj, num_heads):
+    B, N, D = x.shape
+    q, k, v = qkv(x).reshape(B, N, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
+    return attention(q, k, v)
+
+
+@pytest.mark.parametrize("fn", [multi_head, multi_head_chunked])
+def test_multi_head_passes(fn, capsys):
+    passes(lesson03.check_multi_head, fn, "3.2 (multi_head)", capsys)
+
+
+@pytest.mark.parametrize(
+    "fn, hint",
+    [
+        (stub, "Exercise 3.2 (multi_head): not implemented yet"),
+        (lambda x, qkv, proj, h: multi_head(x, qkv, proj, h, order=(1, 0, 2)), "you used q = part 1, k = part 0"),
+        (lambda x, qkv, proj, h: multi_head(x, qkv, proj, h, order=(2, 1, 0)), "q, k and v are taken in the wrong"),
+        (lambda x, qkv, proj, h: multi_head(x, qkv, proj, h, layout="h3d"), "not (B, N, H, 3, d)"),
+        (lambda x, qkv, proj, h: multi_head(x, qkv, proj, h, use_proj=False), "the output projection is missing"),
+        (lambda x, qkv, proj, h: multi_head(x, qkv, proj, h, merge=False), "the heads are merged wrongly"),
+        (lambda x, qkv, proj, h: multi_head(x, qkv, proj, h, heads=1), "you ran ONE head over all D = 12"),
+        (multi_head_scale_by_D, "you scaled by 1/√D = 1/√12"),
+        (multi_head_unmerged, "merge the heads back to [B, N, D]"),
+    ],
+)
+def test_multi_head_rejects(fn, hint):
+    rejected(lesson03.check_multi_head, fn, hint)
+
+
+# --------------------------------------------------------------------------
+# 3.3 (mlp)
+# --------------------------------------------------------------------------
+
+
+def mlp(x, fc1, fc2):
+    return fc2(F.gelu(fc1(x), approximate="tanh"))
+
+
+def mlp_formula(x, fc1, fc2):
+    h = fc1(x)
+    return fc2(0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))))
+
+
+def mlp_module(x, fc1, fc2):
+    return fc2(nn.GELU(approximate="tanh")(fc1(x)))
+
+
+@pytest.mark.parametrize("fn", [mlp, mlp_formula, mlp_module])
+def test_mlp_passes(fn, capsys):
+    passes(lesson03.check_mlp, fn, "3.3 (mlp)", capsys)
+
+
+@pytest.mark.parametrize(
+    "fn, hint",
+    [
+        (stub, "Exercise 3.3 (mlp): not implemented yet"),
+        (lambda x, fc1, fc2: fc2(F.gelu(fc1(x))), "you used the EXACT (erf) GELU"),
+        (lambda x, fc1, fc2: fc2(nn.GELU()(fc1(x))), "you used the EXACT (erf) GELU"),
+        (lambda x, fc1, fc2: fc2(torch.relu(fc1(x))), "that is ReLU"),
+        (lambda x, fc1, fc2: fc2(F.silu(fc1(x))), "that is SiLU"),
+        (lambda x, fc1, fc2: fc2(fc1(x) * torch.sigmoid(1.702 * fc1(x))), "('quick GELU')"),
+        (
+            lambda x, fc1, fc2: fc2(0.5 * fc1(x) * (1 + torch.tanh(math.sqrt(2 / math.pi) * fc1(x)))),
+            "the 0.044715·h³ term is missing",
+        ),
+        (lambda x, fc1, fc2: fc2(fc1(x)), "there is no activation between fc1 and fc2"),
+        (lambda x, fc1, fc2: F.gelu(fc2(fc1(x)), approximate="tanh"), "not after fc2"),
+        (lambda x, fc1, fc2: F.gelu(fc1(x), approximate="tanh"), "did you forget fc2?"),
+    ],
+)
+def test_mlp_rejects(fn, hint):
+    rejected(lesson03.check_mlp, fn, hint)
+
+
+# --------------------------------------------------------------------------
+# 3.4 (dit_block)
+# --------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """The skeleton of the notebook, with the answer, and switches for the usual mistakes."""
+
+    eps, affine = 1e-6, False
+    order = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=self.affine, eps=self.eps)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=self.affine, eps=self.eps)
+
+    def vectors(self, c):
+        return dict(zip(self.order, self.adaLN_modulation(c).chunk(6, dim=1)))
+
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = x + m["gate_msa"].unsqueeze(1) * self.attn(modulate(self.norm1(x), m["shift_msa"], m["scale_msa"]))
+        x = x + m["gate_mlp"].unsqueeze(1) * self.mlp(modulate(self.norm2(x), m["shift_mlp"], m["scale_mlp"]))
+        return x
+
+
+class BlockByHand(nn.Module):
+    """Also right: functional LayerNorm with the right eps, modulate written out, gates indexed."""
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, 4 * hidden_size)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        m = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        h = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + m[1]) + m[0]
+        x = x + m[2] * self.attn(h)
+        h = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + m[4]) + m[3]
+        return x + m[5] * self.mlp(h)
+
+
+class Eps5(Block):
+    eps = 1e-5
+
+
+class Affine(Block):
+    affine = True
+
+
+class FunctionalEps5(BlockByHand):
+    def forward(self, x, c):
+        m = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        x = x + m[2] * self.attn(F.layer_norm(x, x.shape[-1:]) * (1 + m[1]) + m[0])
+        return x + m[5] * self.mlp(F.layer_norm(x, x.shape[-1:]) * (1 + m[4]) + m[3])
+
+
+class SwappedShiftScale(Block):
+    order = ("scale_msa", "shift_msa", "gate_msa", "scale_mlp", "shift_mlp", "gate_mlp")
+
+
+class GroupedByKind(Block):
+    order = ("shift_msa", "shift_mlp", "scale_msa", "scale_mlp", "gate_msa", "gate_mlp")
+
+
+class OddOrder(Block):  # not one of the plausible orders: found by the search over all 720
+    order = ("shift_msa", "gate_mlp", "gate_msa", "shift_mlp", "scale_mlp", "scale_msa")
+
+
+class NoGates(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = x + self.attn(modulate(self.norm1(x), m["shift_msa"], m["scale_msa"]))
+        return x + self.mlp(modulate(self.norm2(x), m["shift_mlp"], m["scale_mlp"]))
+
+
+class NoMlpGate(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = x + m["gate_msa"].unsqueeze(1) * self.attn(modulate(self.norm1(x), m["shift_msa"], m["scale_msa"]))
+        return x + self.mlp(modulate(self.norm2(x), m["shift_mlp"], m["scale_mlp"]))
+
+
+class NoOnePlus(Block):
+    def forward(self, x, c):
+        m = {k: v.unsqueeze(1) for k, v in self.vectors(c).items()}
+        x = x + m["gate_msa"] * self.attn(self.norm1(x) * m["scale_msa"] + m["shift_msa"])
+        return x + m["gate_mlp"] * self.mlp(self.norm2(x) * m["scale_mlp"] + m["shift_mlp"])
+
+
+class ModulateAfter(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = x + m["gate_msa"].unsqueeze(1) * modulate(self.attn(self.norm1(x)), m["shift_msa"], m["scale_msa"])
+        return x + m["gate_mlp"].unsqueeze(1) * modulate(self.mlp(self.norm2(x)), m["shift_mlp"], m["scale_mlp"])
+
+
+class ReusedNorm(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        h = self.norm1(x)
+        x = x + m["gate_msa"].unsqueeze(1) * self.attn(modulate(h, m["shift_msa"], m["scale_msa"]))
+        return x + m["gate_mlp"].unsqueeze(1) * self.mlp(modulate(h, m["shift_mlp"], m["scale_mlp"]))
+
+
+class NoUnsqueeze(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = x + m["gate_msa"] * self.attn(self.norm1(x) * (1 + m["scale_msa"]) + m["shift_msa"])
+        return x + m["gate_mlp"] * self.mlp(self.norm2(x) * (1 + m["scale_mlp"]) + m["shift_mlp"])
+
+
+class SkippedSiLU(Block):
+    def vectors(self, c):
+        return dict(zip(self.order, self.adaLN_modulation[1](c).chunk(6, dim=1)))
+
+
+class PostNorm(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = self.norm1(x + m["gate_msa"].unsqueeze(1) * self.attn(modulate(x, m["shift_msa"], m["scale_msa"])))
+        return self.norm2(x + m["gate_mlp"].unsqueeze(1) * self.mlp(modulate(x, m["shift_mlp"], m["scale_mlp"])))
+
+
+class NoResidual(Block):
+    def forward(self, x, c):
+        m = self.vectors(c)
+        x = m["gate_msa"].unsqueeze(1) * self.attn(modulate(self.norm1(x), m["shift_msa"], m["scale_msa"]))
+        return m["gate_mlp"].unsqueeze(1) * self.mlp(modulate(self.norm2(x), m["shift_mlp"], m["scale_mlp"]))
+
+
+class Renamed(Block):
+    def __init__(self, hidden_size, num_heads):
+        super().__init__(hidden_size, num_heads)
+        self.ada = self.adaLN_modulation
+        del self.adaLN_modulation
+
+    def vectors(self, c):
+        return dict(zip(self.order, self.ada(c).chunk(6, dim=1)))
+
+
+class StubBlock(Block):
+    def forward(self, x, c):
+        raise NotImplementedError("Exercise 3.4 (dit_block): replace this line with your code")
+
+
+class StubInit(nn.Module):
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        raise NotImplementedError("Exercise 3.4 (dit_block): replace this line with your code")
+
+
+@pytest.mark.parametrize("cls", [Block, BlockByHand])
+def test_dit_block_passes(cls, capsys):
+    passes(lesson03.check_dit_block, cls, "3.4 (dit_block)", capsys)
+
+
+@pytest.mark.parametrize(
+    "cls, hint",
+    [
+        (StubBlock, "Exercise 3.4 (dit_block): not implemented yet"),
+        (StubInit, "Exercise 3.4 (dit_block): not implemented yet"),
+        (Eps5, "norm1 has eps=1e-05; the DiT's LayerNorms use eps=1e-6"),
+        (FunctionalEps5, "LayerNorm eps: the DiT's LayerNorms use eps=1e-6"),
+        (Affine, "norm1 has learnable weight and bias"),
+        (SwappedShiftScale, "the six adaLN vectors are in the wrong order (shift and scale are swapped"),
+        (GroupedByKind, "grouped by kind"),
+        (OddOrder, "scale_msa = chunk 5, gate_mlp = chunk 1"),
+        (NoGates, "the gates are missing"),
+        (NoMlpGate, "gate_mlp is missing from the MLP branch"),
+        (NoOnePlus, "you used h·scale + shift"),
+        (ModulateAfter, "modulate the normalised INPUT of each branch (pre-norm)"),
+        (ReusedNorm, "reused for both branches makes a 'parallel' block"),
+        (NoUnsqueeze, "unsqueeze(1) them to [B, 1, D]"),
+        (SkippedSiLU, "adaLN_modulation is SiLU then Linear"),
+        (PostNorm, "this is a post-norm block"),
+        (NoResidual, "the residual connections are missing"),
+        (Renamed, "your block's parameters do not match the reference layout"),
+    ],
+)
+def test_dit_block_rejects(cls, hint):
+    rejected(lesson03.check_dit_block, cls, hint)
+
+
+def test_eps_mistake_is_caught_even_if_only_the_small_input_shows_it(monkeypatch):
+    cases = lesson03._BLOCK_CASES
+    assert cases[-1][-1] == 0.01
+    monkeypatch.setattr(lesson03, "_BLOCK_CASES", [(B, T, D, H, 0.01) for B, T, D, H, _ in cases])
+    message = rejected(lesson03.check_dit_block, FunctionalEps5, "LayerNorm eps")
+    assert "(small: x·0.01)" in message
+
+
+# --------------------------------------------------------------------------
+# All checks: fast
+# --------------------------------------------------------------------------
+
+
+def test_checks_are_fast(capsys):
+    """Each check well under a second of CPU time (process time: other jobs on the machine do not count)."""
+    for check, fn in [
+        (lesson03.check_attention, attention),
+        (lesson03.check_multi_head, multi_head),
+        (lesson03.check_mlp, mlp),
+        (lesson03.check_dit_block, Block),
+    ]:
+        check(fn)  # warm-up: the first call of a torch op pays for its set-up
+        start = time.process_time()
+        check(fn)
+        assert time.process_time() - start < 1.0, check.__name__
+    start = time.process_time()
+    rejected(lesson03.check_dit_block, OddOrder, "wrong order")  # the slowest failure: searches 720 orders
+    assert time.process_time() - start < 3.0
