@@ -153,7 +153,7 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -c . || true)
     echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null | head -n 1 || echo n/a)"
     echo "- code: commit $COMMIT ($DIRTY files changed or untracked)"
     echo "- command: benchmarks/gpu.sh $*; total $(($(date +%s) - START)) s of a ${BUDGET_S} s budget"
-    echo "- each table row's 'x ref' is its images/s over the reference recipe's (fp32 with TF32 matmuls, math"
+    echo "- each table row's '× ref' is its images/s over the reference recipe's (fp32 with TF32 matmuls, math"
     echo "  attention, eager, plain AdamW, EMA as a Python loop), measured in the same process on the same batch"
     echo
     echo "## Stages"

@@ -14,7 +14,7 @@ training image against a table of dense tensor-core peaks (``GPU_PEAKS``), and p
 **The reference recipe is always the first row**, measured in the same process on the same model
 and batch: fp32 (TF32 matmuls allowed on a GPU, as the reference trainer sets), ``math``
 attention, eager, ``torch.optim.AdamW(foreach=False, fused=False)`` over all parameters, and the
-EMA as a Python loop of ``mul_``/``add_`` over the parameters. "x ref" = a row's images/s divided
+EMA as a Python loop of ``mul_``/``add_`` over the parameters. "× ref" = a row's images/s divided
 by the reference row's. (The reference trainer also calls ``loss.item()`` every step, a host
 sync; this row leaves it out, so the reference is measured slightly *faster* than it runs.)
 
@@ -875,7 +875,7 @@ def _fmt_pct(x: float | None) -> str:
 
 
 def _fmt_ratio(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}x"
+    return "n/a" if x is None else f"{x:.2f}×"
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -888,9 +888,9 @@ def _fmt_num(x: float) -> str:
 
 TRAIN_COLUMNS = (
     "config", "precision", "attn", "compile", "ckpt", "AdamW", "EMA",
-    "step ms: median [IQR] (min-max)", "img/s", "tokens/s", "TFLOP/s", "MFU", "peak mem", "x ref",
+    "step ms: median [IQR] (min-max)", "img/s", "tokens/s", "TFLOP/s", "MFU", "peak mem", "× ref",
 )  # fmt: skip
-SAMPLE_COLUMNS = ("config", "sampler", "steps", "images", "s/loop: median (min-max)", "ms/step", "img/s", "x ref")
+SAMPLE_COLUMNS = ("config", "sampler", "steps", "images", "s/loop: median (min-max)", "ms/step", "img/s", "× ref")
 
 
 def training_cells(res: dict[str, Any]) -> list[str]:
@@ -960,7 +960,7 @@ def _preamble(result: dict[str, Any]) -> list[str]:
         f"= {m['train_flops_per_image'] / 1e9:.2f} GFLOP (model FLOPs: a grad-checkpointing recompute is not counted)",
         peak_line,
         f"peak TFLOP/s table: {peak['source']}" if dev["type"] == "cuda" else "",
-        f"timing: {s['warmup']} warm-up steps, then {s['repeats']} repeats x {s['iters']} steps"
+        f"timing: {s['warmup']} untimed warm-up step(s), then {s['repeats']} repeats x {s['iters']} step(s)"
         + (", rows interleaved (ABBA)" if s["interleave"] else ", one row at a time")
         + "; median per step, [interquartile range], (min-max)",
         f"peak mem: {result['memory_kind']}",

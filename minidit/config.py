@@ -73,8 +73,9 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # A tiny DiT on the embedded toy shapes, pixel space, 2 CPU cores, <= 10 minutes.
     "toy": dict(
-        data="toy", image_size=32, model="DiT-Ti/4", global_batch_size=64, lr=1e-3, warmup_steps=100, max_steps=1200,
-        ema_decay=0.995, log_every=10, ckpt_every=200, sample_every=600, sample_steps=50, eval_samples=200,
+        data="toy", image_size=16, model="DiT-Ti/4", noise_schedule="cosine", global_batch_size=64, lr=2e-3,
+        warmup_steps=200, max_steps=6000, ema_decay=0.995, log_every=20, ckpt_every=500, sample_every=2000,
+        sample_steps=50, eval_samples=200,
     ),
     # Pixel-space CIFAR-10 on one GPU: DiT-S/2 on 32x32x3 = 256 tokens.
     "cifar10": dict(

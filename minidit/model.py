@@ -266,8 +266,8 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
-#: Not in the paper: a "tiny" size for laptop runs on the toy data (DeiT-Ti's width and heads).
-TINY_SIZES: dict[str, tuple[int, int, int]] = {"Ti": (6, 192, 3)}
+#: Not in the paper: a "tiny" size for laptop runs on the toy data (depth 6, width 128, 4 heads of 32).
+TINY_SIZES: dict[str, tuple[int, int, int]] = {"Ti": (6, 128, 4)}
 MODEL_SIZES_ALL = {**MODEL_SIZES, **TINY_SIZES}
 
 

@@ -13,26 +13,42 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_class_grid(images: torch.Tensor, row_names: list[str], per_row: int, out: str | Path, title: str = "") -> Path:
-    """Save [R * per_row, 3, H, W] images in [-1, 1] as a grid, one labelled row per class."""
+def save_class_grid(
+    images: torch.Tensor | list[tuple[str, torch.Tensor]],
+    row_names: list[str],
+    per_row: int,
+    out: str | Path,
+    title: str = "",
+) -> Path:
+    """Save images in [-1, 1] as a grid with one labelled row per class.
+
+    ``images`` is [R * per_row, 3, H, W], or a list of (panel title, such a tensor) drawn side by
+    side (e.g. the same noise without and with guidance).
+    """
     from torchvision.utils import make_grid
 
-    rows = len(row_names)
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, nrow=per_row, padding=2, pad_value=1.0)
-    h = images.shape[-2]
-    fig = Figure(figsize=(1.0 + 0.6 * per_row * max(h, 32) / 32, 0.3 + 0.6 * rows * max(h, 32) / 32))
-    ax = fig.subplots()
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([2 + (h + 2) * i + h / 2 for i in range(rows)], row_names, fontsize=8)
-    ax.set_xticks([])
-    for side in ax.spines.values():
-        side.set_visible(False)
+    panels = images if isinstance(images, list) else [("", images)]
+    rows, h = len(row_names), panels[0][1].shape[-2]
+    cell = 0.6 * max(h, 32) / 32  # inches per image
+    fig = Figure(figsize=(1.4 + len(panels) * (0.2 + cell * per_row), 0.5 + cell * rows))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for k, (ax, (panel_title, imgs)) in enumerate(zip(axes, panels)):
+        grid = make_grid(imgs.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, nrow=per_row, padding=2, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        if k == 0:
+            ax.set_yticks([2 + (h + 2) * i + h / 2 for i in range(rows)], row_names, fontsize=8)
+        else:
+            ax.set_yticks([])
+        ax.set_xticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if panel_title:
+            ax.set_title(panel_title, fontsize=9)
     if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     return out
 
 

@@ -217,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             classes = DEFAULT_IMAGENET_CLASSES if model.num_classes == 1000 else list(range(min(model.num_classes, 10)))
         labels = torch.tensor(classes).repeat_interleave(args.per_class)
         mine = torch.arange(len(labels)) if rank == 0 else torch.arange(0)
+    trained = info.get("train_config", {})  # a minidit run knows its schedule; released weights use the default
     images = generate(
         model, labels[mine], cfg_scale=args.cfg_scale, num_steps=args.num_steps, sampler=args.sampler,
         seed=args.seed * 1000 + rank, guided_channels=guided, decoder=decoder, clip_denoised=clip,
+        noise_schedule=trained.get("noise_schedule", "linear"), diffusion_steps=trained.get("diffusion_steps", 1000),
         batch_size=args.batch_size, device=device, progress=rank == 0,
     )  # fmt: skip
     from .plots import save_class_grid, to_uint8

@@ -578,6 +578,7 @@ class Trainer:
         return self._decoder
 
     def sample_grid(self, step: int, name: str | None = None) -> Path | None:
+        """One row per class from the EMA weights, from the same noise without and with guidance."""
         if not self.d.is_main or (self.spec.latent and self.decoder() is None):
             return None
         from .plots import save_class_grid
@@ -585,10 +586,12 @@ class Trainer:
         classes = self.grid_classes()
         n = self.cfg.samples_per_class
         labels = torch.tensor(classes).repeat_interleave(n)
-        images = self.generate(labels, self.cfg.cfg_scale, seed=self.cfg.seed + 1)
+        scales = [1.0, self.cfg.cfg_scale] if self.cfg.cfg_scale != 1.0 else [1.0]
+        seed = self.cfg.seed + 1
+        panels = [(f"CFG scale {s:g}" + (" (no guidance)" * (s == 1)), self.generate(labels, s, seed)) for s in scales]
         out = self.run_dir / "samples" / (name or f"step_{step:07d}.png")
         names = [self.spec.class_names[c] for c in classes]
-        save_class_grid(images, names, n, out, title=f"step {step}, CFG scale {self.cfg.cfg_scale}")
+        save_class_grid(panels, names, n, out, title=f"{self.cfg.model}, step {step}, EMA weights")
         return out
 
     def evaluate_toy(self) -> dict[str, Any]:

@@ -226,7 +226,7 @@ def test_bench_returns_rows_with_the_reference_first():
     assert samp[0]["x_ref"] == 1.0
     assert samp[2]["x_ref"] == pytest.approx(samp[2]["images_per_s"] / samp[0]["images_per_s"])
     text = bench.format_report(result)
-    assert "ref (reference)" in text and "x ref" in text and "n/a" in text and "max RSS" in text
+    assert "ref (reference)" in text and "× ref" in text and "n/a" in text and "max RSS" in text
     json.dumps(result)  # JSON-ready
 
 

@@ -29,7 +29,7 @@ def test_grid_single_pngs_and_npz_from_a_run_dir(toy_run, tmp_path, capsys):
     assert sample.main([*argv, "--out", str(out), "--npz", str(npz), "--out-dir", str(singles)]) == 0
     assert out.is_file() and len(list(singles.glob("*.png"))) == 4
     data = np.load(npz)
-    assert data["arr_0"].shape == (4, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_0"].shape == (4, 16, 16, 3) and data["arr_0"].dtype == np.uint8
     assert data["labels"].tolist() == [0, 0, 7, 7]
     assert "wrote" in capsys.readouterr().out
 
