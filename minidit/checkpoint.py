@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -25,6 +26,7 @@ import os
 import pickle
 import pickletools
 import re
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -83,7 +85,7 @@ def read_file(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any
             f"Python objects ({detail})"
         ) from None
     except Exception as e:  # a damaged file can make the unpickler raise anything: IndexError, KeyError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""  # torch adds paragraphs
         first = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(obj, dict):
@@ -144,10 +146,23 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
                 os.close(dfd)
         except OSError:
             pass
-    except BaseException:
+    except BaseException as e:
+        # torch.save and safetensors write from C++: a full disk reaches us as a RuntimeError
+        # ("unexpected pos ..."), not as OSError(ENOSPC). Tell it apart while the partial file still
+        # fills the disk.
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and _nearly_full(path.parent)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {e})") from e
         raise
+
+
+def _nearly_full(directory: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:

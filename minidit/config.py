@@ -116,6 +116,14 @@ CHOICES = {
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: 256 px -> 32x32x4 latents
 
 
+#: Names people type from other trainers, mapped to ours (only used to suggest the right option).
+ALIASES = {
+    "learning_rate": "lr", "batch_size": "global_batch_size", "steps": "max_steps", "iterations": "max_steps",
+    "epochs": "max_steps", "model_name": "model", "data_dir": "data_path", "dataset": "data",
+    "results_dir": "run_dir", "output_dir": "run_dir", "out": "run_dir", "cfg": "cfg_scale",
+}  # fmt: skip
+
+
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -173,7 +181,9 @@ def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
             preset = value
             continue
         if name not in types:
-            raise UserError(f"unknown option --{key}{_suggest(name, types)}; see --help for the list")
+            guess = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, list(types), n=1, cutoff=0.5)), None)
+            hint = f" (did you mean --{guess.replace('_', '-')}?)" if guess else ""
+            raise UserError(f"unknown option --{key}{hint}; see --help for the list")
         if not has_value:
             if types[name].startswith("bool"):
                 value = "true"
@@ -203,8 +213,11 @@ def validate(cfg: TrainConfig) -> None:
     patch = int(cfg.model.split("/")[1])
     factor = VAE_FACTOR if cfg.data == "latents" else 1
     if cfg.image_size <= 0 or cfg.image_size % (patch * factor):
-        what = f"patch size {patch} x VAE factor {factor}" if factor > 1 else f"the patch size {patch}"
-        raise UserError(f"--image-size {cfg.image_size} is not divisible by {what} (= {patch * factor})")
+        if factor > 1:
+            what = f"patch size {patch} x VAE factor {factor} = {patch * factor}"
+        else:
+            what = f"the patch size {patch} of {cfg.model}"
+        raise UserError(f"--image-size {cfg.image_size} is not divisible by {what}")
     if cfg.data == "toy" and cfg.image_size not in (16, 32, 64):
         raise UserError(f"the toy data is rendered at 16, 32 or 64 px, not {cfg.image_size}")
     if cfg.data == "cifar10" and cfg.image_size != 32:

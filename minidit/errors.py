@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -19,7 +20,20 @@ class DataError(UserError):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a command-line ``main``; turn a ``UserError`` into one line on stderr and exit status 2."""
+    """Run a command-line ``main``; turn a ``UserError`` into one line on stderr and exit status 2.
+
+    While it runs, minidit's warnings (e.g. an unreadable image skipped) are one line each too."""
+    saved = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if not category.__module__.startswith("minidit"):  # other packages' warnings: the usual format
+            return saved(message, category, filename, lineno, line)
+        from tqdm import tqdm  # ours: `warning: <message>`, written around a running progress bar
+
+        tqdm.write(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+        return ""
+
+    warnings.formatwarning = one_line  # (formatting only: code that records warnings still gets them)
     try:
         return int(main(argv) or 0)
     except UserError as e:
@@ -28,3 +42,5 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = saved

@@ -658,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, preset)
     try:
         return trainer.run()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # a log line, a sample grid or the loss plot: the checkpoint writer has its own message
+        raise UserError(f"no space left on device ({e.filename or trainer.run_dir}); checkpoints are intact") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -11,10 +11,13 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +38,8 @@ from minidit.data import (
     to_signed,
 )
 from minidit.errors import DataError, UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -614,3 +619,27 @@ def test_build_dataset_dispatch(tmp_path):
         build_dataset("latents", None, 16)
     with pytest.raises(UserError, match="unknown dataset kind 'toyish'"):
         build_dataset("toyish", None, 16)
+
+
+def test_cli_shows_a_skipped_image_as_one_warning_line(tmp_path):
+    """Under a command-line entry point (``run_cli``) a skipped file is one ``warning:`` line, no source echo."""
+    root = tmp_path / "imgs"
+    save_image(root / "c0" / "ok.png", random_image(np.random.default_rng(0), 40, 40))
+    (root / "c0" / "zbad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    script = (
+        "import sys, warnings\n"
+        "from minidit.data import ImageFolderDataset\n"
+        "from minidit.errors import run_cli\n"
+        "def main(argv):\n"
+        "    ds = ImageFolderDataset(sys.argv[1], 32)\n"
+        "    items = [ds[i] for i in range(len(ds))]\n"
+        "    warnings.warn('not ours')\n"  # other packages' warnings keep their usual format
+        "sys.exit(run_cli(main, []))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    ours = [line for line in lines if "zbad.png" in line]
+    assert len(ours) == 1 and ours[0].startswith("warning: ") and "1 unreadable files so far" in ours[0], lines
+    assert not any("items = " in line for line in lines), "the warning echoed a source line"
+    assert any("UserWarning: not ours" in line for line in lines), lines

@@ -84,13 +84,15 @@ def test_presets_are_valid_and_overridable():
     "argv,message",
     [
         (["--lerning-rate", "1"], "unknown option --lerning-rate"),
+        (["--learning-rate", "1"], "unknown option --learning-rate (did you mean --lr?)"),
+        (["--batch-size", "8"], "(did you mean --global-batch-size?)"),
         (["--lr", "fast"], "--lr: expected float"),
         (["--max-steps", "1.5"], "--max-steps: expected int"),
         (["--compile", "maybe"], "--compile: expected bool"),
         (["--config", "cifar"], "did you mean 'cifar10'"),
         (["--model", "DiT-XL/3"], "unknown model 'DiT-XL/3' (did you mean"),
-        (["--image-size", "30"], "not divisible by the patch size 4"),
-        (["--config", "imagenet256-xl2", "--image-size", "200"], "not divisible by patch size 2 x VAE factor 8"),
+        (["--image-size", "30"], "--image-size 30 is not divisible by the patch size 4 of DiT-Ti/4"),
+        (["--config", "imagenet256-xl2", "--image-size", "200"], "not divisible by patch size 2 x VAE factor 8 = 16"),
         (["--data", "folder"], "--data folder needs --data-path"),
         (["--precision", "fp8"], "choose one of auto, fp32, bf16, fp16"),
         (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible by micro batch 4"),
@@ -111,7 +113,7 @@ def test_bad_options_fail_before_any_work(argv, message, tmp_path):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     out = cli("-m", "minidit.train", "--modle", "DiT-S/2", cwd=tmp_path)
     assert out.returncode == 2
-    expected = "error: unknown option --modle (did you mean 'model'?); see --help for the list"
+    expected = "error: unknown option --modle (did you mean --model?); see --help for the list"
     assert out.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "runs").exists()
 
@@ -260,6 +262,38 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_checkpoint(tmp_path, m
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
 
+def test_disk_full_as_torch_save_reports_it_is_recognised(tmp_path, monkeypatch):
+    """torch.save writes from C++: on a full disk it raises RuntimeError("... unexpected pos ..."), not OSError."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    real_save, calls = torch.save, []
+    real_usage = shutil.disk_usage
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"partial")
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4096))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 19092288 vs 19092180")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError, match="no space left on device.*previous checkpoint is intact"):
+        train.main([*TINY, "--run-dir", str(run_dir)])
+    assert read_file(run_dir / "checkpoints" / "last.pt")["step"] == 3
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+def test_other_save_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    def save(obj, f, *a, **k):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        train.main([*TINY, "--run-dir", str(tmp_path / "run")])
+
+
 def test_corrupt_checkpoint_in_run_dir_is_one_line(tmp_path):
     run_dir = run_train(tmp_path, "--max-steps", "3")
     ckpt = run_dir / "checkpoints" / "last.pt"
@@ -331,3 +365,14 @@ def test_missing_data_dir_is_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0]
+
+
+def test_disk_full_while_logging_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def write_log(self, row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.log_path))
+
+    monkeypatch.setattr(train.Trainer, "write_log", write_log)
+    with pytest.raises(UserError, match=r"no space left on device \(.*log.jsonl\); checkpoints are intact"):
+        train.main([*TINY, "--run-dir", str(tmp_path / "run")])
