@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .data import _socket_timeout, cifar10_files, load_cifar10_arrays
-from .errors import DataError, UserError, run_cli
+from .errors import DataError, UserError, positive_int, run_cli
 
 #: A feature extractor: uint8 images [B, 3, H, W] -> float features [B, F] (a 1-tuple of that is accepted too).
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -697,16 +697,6 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _check_reference_arg(ref: str) -> str:
     if ref.lower() != "cifar10" and not Path(ref).exists():
         raise UserError(f"unknown --ref {ref!r}: not 'cifar10', and no such folder or .npz file")
@@ -718,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,toy,stats}")
 
     def common(p, batch_size):
-        p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"default {batch_size}")
+        p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"default {batch_size}")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -733,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("toy", help="toy data: class accuracy and Fréchet distance in classifier features")
     p.add_argument("samples", help=".npz with uint8 [N, H, W, 3] images in arr_0 and their classes in labels")
     p.add_argument("--classifier", default=None, help="toy classifier weights (default: the shipped one)")
-    p.add_argument("--n-real", type=_positive_int, default=None, help="real toy images to compare with (default N)")
+    p.add_argument("--n-real", type=positive_int, default=None, help="real toy images to compare with (default N)")
     common(p, 256)
 
     p = commands.add_parser("stats", help="precompute reference statistics (mu, sigma) into an .npz")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, run_cli
+from .errors import UserError, positive_int, run_cli
 
 SHAPES = ["circle", "square", "triangle", "plus", "ring"]
 COLOURS = {"red": (0.90, 0.16, 0.12), "blue": (0.16, 0.42, 0.96)}  # RGB in [0, 1]
@@ -487,18 +487,8 @@ def preview_batch(per_class: int = 8, seed: int = 0, image_size: int = 32) -> to
 # --------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _image_size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 8:
         raise argparse.ArgumentTypeError(f"must be at least 8, got {value}")
     return value
@@ -518,16 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train-classifier", help="train the toy classifier and save its weights")
-    train.add_argument("--steps", type=_positive_int, default=800, help="optimizer steps (default 800)")
-    train.add_argument("--batch-size", type=_positive_int, default=128, help="images per step (default 128)")
+    train.add_argument("--steps", type=positive_int, default=800, help="optimizer steps (default 800)")
+    train.add_argument("--batch-size", type=positive_int, default=128, help="images per step (default 128)")
     train.add_argument("--seed", type=int, default=TRAIN_SEED, help="data and initialisation seed (default 0)")
     train.add_argument("--image-size", type=_image_size, default=32, help="image side in pixels (default 32)")
-    train.add_argument("--held-out", type=_positive_int, default=5000, help="images to test on (default 5000)")
+    train.add_argument("--held-out", type=positive_int, default=5000, help="images to test on (default 5000)")
     train.add_argument("--out", type=Path, default=DEFAULT_CLASSIFIER, help="default data/toy_classifier.safetensors")
 
     preview = commands.add_parser("preview", help="save a grid of toy images, one row per class")
     preview.add_argument("--out", type=Path, default=Path("toy_preview.png"), help="PNG path (default toy_preview.png)")
-    preview.add_argument("--per-class", type=_positive_int, default=8, help="images per row (default 8)")
+    preview.add_argument("--per-class", type=positive_int, default=8, help="images per row (default 8)")
     preview.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     preview.add_argument("--image-size", type=_image_size, default=32, help="image side in pixels (default 32)")
 
