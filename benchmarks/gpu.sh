@@ -8,7 +8,7 @@
 # Stages, in order; each runs under `timeout` within what is left of the budget, and a stage that
 # fails or times out is recorded in the report and the next one runs:
 #   env       python, torch, CUDA, GPU, and which optional packages import
-#   tests     python -m pytest -m cuda -q tests/ (the CUDA-only tests)
+#   tests     python -m pytest -m cuda -q tests/test_model.py (the CUDA-only tests)
 #   xl2       DiT-XL/2 256 px (32x32x4 latents): the reference recipe vs bf16+sdpa+compile (the headline
 #             row), then a sweep showing each step's contribution: fp32 (minidit's fused AdamW + foreach
 #             EMA only), bf16 (+ autocast), bf16+sdpa (+ fused attention), bf16+flash (flash-attn, if
@@ -123,7 +123,7 @@ for mod in ("numpy", "PIL", "einops", "tqdm", "safetensors", "torchvision", "mat
         found[mod] = f"missing ({type(e).__name__})"
 print("packages: " + ", ".join(f"{k} {v}" for k, v in found.items()))
 EOF
-run_stage tests 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests/
+run_stage tests 60 "$PY" -m pytest -o addopts="" -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests/test_model.py
 bench xl2 200 "${XL[@]}" --configs "$XL_CONFIGS" --no-sampling --profile-below 0.5
 bench sample 110 "${SAMPLE[@]}" --configs "$SAMPLE_CONFIGS" --no-training
 bench b2 80 "${B2[@]}" --configs "$MINI_CONFIGS" --no-sampling
