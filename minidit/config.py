@@ -124,9 +124,14 @@ ALIASES = {
 }  # fmt: skip
 
 
-def _suggest(word: str, options) -> str:
+def _closest(word: str, options) -> str | None:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return close[0] if close else None
+
+
+def _suggest(word: str, options) -> str:
+    close = _closest(word, options)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _parse_value(name: str, raw: str, annotation: str) -> Any:
@@ -181,7 +186,7 @@ def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
             preset = value
             continue
         if name not in types:
-            guess = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, list(types), n=1, cutoff=0.5)), None)
+            guess = ALIASES.get(name) or _closest(name, types)
             hint = f" (did you mean --{guess.replace('_', '-')}?)" if guess else ""
             raise UserError(f"unknown option --{key}{hint}; see --help for the list")
         if not has_value:
