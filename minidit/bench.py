@@ -1,8 +1,8 @@
 """Benchmark the DiT training step and sampler against the reference recipe: ``python -m minidit.bench``.
 
-    python -m minidit.bench --quick                # CPU smoke run (< 1 min): reference row vs minidit's row
+    python -m minidit.bench --quick                # CPU smoke run (< 1 min): reference rows vs minidit's row
     python -m minidit.bench                        # CUDA: DiT-XL/2 at 256 px, reference vs bf16+sdpa+compile
-    python -m minidit.bench --configs ref,fp32,bf16,bf16+sdpa,bf16+sdpa+compile --json out.json
+    python -m minidit.bench --configs ref,fp32,bf16,bf16+compile,ref-2023 --json out.json
 
 **The training step** (one row per config): forward + backward + AdamW step + EMA update, on
 random latents x [B, C, I, I], labels y [B] and timesteps t [B] through
@@ -11,37 +11,46 @@ images/s, tokens/s (images/s x I^2 / p^2), achieved TFLOP/s and MFU, counting
 3 x 2 x forward GMACs (``model_stats``: the paper's "Gflops", math attention included) FLOPs per
 training image against a table of dense tensor-core peaks (``GPU_PEAKS``), and peak memory.
 
-**The reference recipe is always the first row**, measured in the same process on the same model
-and batch: fp32 (TF32 matmuls allowed on a GPU, as the reference trainer sets), ``math``
-attention, eager, ``torch.optim.AdamW(foreach=False, fused=False)`` over all parameters, and the
-EMA as a Python loop of ``mul_``/``add_`` over the parameters. "× ref" = a row's images/s divided
-by the reference row's. (The reference trainer also calls ``loss.item()`` every step, a host
-sync; this row leaves it out, so the reference is measured slightly *faster* than it runs.)
+**The reference recipe is always the first row** (``ref``), measured in the same process on the
+same model and batch, as the reference code runs when installed today (its environment file does
+not pin timm): fp32 (TF32 matmuls allowed on a GPU, as the reference trainer sets), ``sdpa``
+attention (timm >= 0.9's ``Attention`` calls ``F.scaled_dot_product_attention``: ``fused_attn``,
+on by default), eager, ``torch.optim.AdamW`` with torch's default implementation (the per-tensor
+loop on a CPU, foreach on CUDA), and the EMA as a Python loop of ``mul_``/``add_`` over all
+parameters (the frozen ``pos_embed`` included). "× ref" = a row's images/s divided by this row's.
+(The reference trainer also calls ``loss.item()`` every step, a host sync; this row leaves it
+out, so the reference is measured slightly *faster* than it runs.) ``ref-2023`` is the same
+recipe with ``math`` attention, as the timm of the 2023 release ran it: an extra row for
+comparison with older figures, never the baseline.
 
 **Configs** (``--configs``, comma-separated; ``ref`` is prepended when missing). Each config
-other than ``ref`` is a ``+``-joined list of changes from fp32 / math attention / eager, run
-with minidit's optimizer and EMA (``minidit.train.make_optimizer``: fused AdamW on CUDA and CPU;
-``minidit.train.update_ema``: one ``torch._foreach_lerp_``):
+other than ``ref`` and ``ref-2023`` is a ``+``-joined list of changes from the reference's
+fp32 / sdpa / eager, run with minidit's optimizer and EMA (``minidit.train.make_optimizer``:
+fused AdamW on CUDA and CPU; ``minidit.train.update_ema``: one ``torch._foreach_lerp_``):
 
     fp32 | bf16 | fp16         precision (bf16/fp16: autocast; fp16 with a GradScaler)
-    math | sdpa | flash        attention backend (flash = the flash-attn package)
+    sdpa | math | flash        attention backend (flash = the flash-attn package)
     compile                    torch.compile the model (compile time is excluded: warm-up)
     ckpt                       gradient checkpointing (its recompute is not counted as FLOPs)
     opt=plain|foreach|fused    override the AdamW implementation
     ema=loop|foreach           override the EMA update
     minidit                    this device's defaults: CUDA bf16+sdpa+compile, CPU fp32+sdpa
 
-Without ``--configs`` the one minidit row comes from ``--precision``, ``--attn``,
-``--compile`` and ``--grad-checkpointing``. The first non-reference row is the headline row:
-sampling and ``--profile-below`` use it. Rows a device cannot run (bf16/fp16 or flash on a
-CPU, compile on a CPU under ``--quick``, flash without the package) are skipped with a note.
+Without ``--configs`` the rows are ``ref``, ``ref-2023`` and one minidit row from
+``--precision``, ``--attn``, ``--compile`` and ``--grad-checkpointing``. The first non-reference
+row is the headline row: sampling and ``--profile-below`` use it. Rows a device cannot run
+(bf16/fp16 or flash on a CPU, compile on a CPU under ``--quick``, flash without the package) are
+skipped with a note.
 
 **Timing**: ``--warmup`` steps first (not timed: compilation, allocator, lazy optimizer state),
 then ``--repeats`` timings of ``--iters`` back-to-back steps each, with CUDA events on a GPU
 (one sync per repeat: the timer's) or ``time.perf_counter`` on a CPU. The median time per step
 is reported with min-max and the interquartile range; raw timings go to ``--json``. On a CPU
 the rows are interleaved repeat by repeat (ABBA order), so load from other processes hits all
-rows alike; on a GPU each row runs alone, so its peak memory is its own.
+rows alike; on a GPU each row runs alone, so its peak memory is its own. **Noise**: when the
+machine is overloaded (1-minute load average at the start above the core count) or a row's
+interquartile range exceeds ``NOISY_SPREAD`` of its median, the report says the figures are
+noise, in one line, and marks the affected ratios "(noise)".
 
 **Sampling** (headline row and reference): DDPM-250 and DDIM-50, both with classifier-free
 guidance (the batch is doubled: conditional and null labels), in images/s of final samples
@@ -164,18 +173,48 @@ def quantile(sorted_xs: Sequence[float], q: float) -> float:
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:
-    """median, min, max, q1, q3 and n of a list of timings (seconds)."""
+    """median, min, max, q1, q3, n and spread (interquartile range / median) of a list of timings (seconds)."""
     if not samples:
         raise ValueError("no timings to summarize")
     xs = sorted(samples)
+    median, q1, q3 = quantile(xs, 0.5), quantile(xs, 0.25), quantile(xs, 0.75)
     return {
-        "median": quantile(xs, 0.5),
+        "median": median,
         "min": xs[0],
         "max": xs[-1],
-        "q1": quantile(xs, 0.25),
-        "q3": quantile(xs, 0.75),
+        "q1": q1,
+        "q3": q3,
         "n": len(xs),
+        "spread": (q3 - q1) / median if median > 0 else 0.0,
     }
+
+
+#: A row's timings are noise when their interquartile range is more than this fraction of their median
+#: (a quiet machine: a few percent).
+NOISY_SPREAD = 0.25
+
+
+def flag_noise(result: dict[str, Any], cores: int | None) -> None:
+    """Say whether a run's figures are noise: sets ``result["noise"]`` (the reasons, empty when clean) and each
+    row's ``x_ref_noisy`` (its ratio is unreliable: the machine was overloaded, or its timings or its reference
+    row's are spread wider than ``NOISY_SPREAD``). ``cores``: the machine's CPU count (``os.cpu_count()``)."""
+    load = result.get("load_average_start")
+    overloaded = bool(load and cores and load[0] > cores)
+    reasons = [f"load average {load[0]:g} on {cores} cores at the start"] if overloaded else []
+    rows = result["training"] + result["sampling"]
+
+    def spread(res: dict[str, Any] | None) -> float:  # 0 for a row without timings
+        ok = res is not None and res["status"] == "ok"
+        return res.get("step_s", res.get("loop_s"))["spread"] if ok else 0.0
+
+    for res in rows:
+        if spread(res) > NOISY_SPREAD:
+            label = res["name"] + (f" {res['sampler']}" if "sampler" in res else "")
+            reasons.append(f"{label}: interquartile range {spread(res):.0%} of the median")
+        ref = _ref_of(res, rows)
+        noisy = overloaded or max(spread(res), spread(ref)) > NOISY_SPREAD
+        res["x_ref_noisy"] = res.get("x_ref") is not None and res is not ref and noisy
+    result["noise"] = reasons
 
 
 def synchronize(device: torch.device) -> None:
@@ -237,12 +276,12 @@ class RowConfig:
     """One row of the table: how the training step is run."""
 
     name: str
-    reference: bool = False
+    reference: bool = False  # the reference recipe (ref, ref-2023): its optimizer, EMA and step order
     precision: str = "fp32"
-    attn: str = "math"
+    attn: str = "sdpa"
     compile: bool = False
     grad_checkpointing: bool = False
-    optimizer: str = "plain"  # plain: single-tensor AdamW; foreach; fused
+    optimizer: str = "plain"  # plain: per-tensor AdamW; foreach; fused
     ema: str = "loop"  # loop: the reference's Python loop; foreach: minidit.train.update_ema
 
     def describe(self) -> str:
@@ -252,9 +291,16 @@ class RowConfig:
         return " ".join(bits + [f"AdamW-{self.optimizer}", f"EMA-{self.ema}"])
 
 
-def reference_row() -> RowConfig:
-    """The reference recipe: fp32 (TF32 on GPU), math attention, eager, plain AdamW, EMA loop."""
-    return RowConfig("ref", reference=True)
+def reference_row(device: torch.device, name: str = "ref") -> RowConfig:
+    """The reference recipe as it runs today: fp32 (TF32 on GPU), sdpa attention (timm's ``fused_attn``),
+    eager, torch's default AdamW (per-tensor on a CPU, foreach on CUDA: torch has foreach kernels for
+    CUDA, not CPU), EMA loop. ``name="ref-2023"``: the same with math attention, as in 2023."""
+    optimizer = "foreach" if device.type == "cuda" else "plain"
+    return RowConfig(name, reference=True, attn="math" if name == "ref-2023" else "sdpa", optimizer=optimizer)
+
+
+#: What the reference rows are, for the tables.
+ROW_LABELS = {"ref": "ref (reference)", "ref-2023": "ref-2023 (extra: 2023 math attention)"}
 
 
 def minidit_defaults(device: torch.device) -> dict[str, Any]:
@@ -266,8 +312,8 @@ def minidit_defaults(device: torch.device) -> dict[str, Any]:
 def parse_config(text: str, device: torch.device) -> RowConfig:
     """``"bf16+sdpa+compile"`` -> a RowConfig (see the module docstring for the tokens)."""
     name = text.strip()
-    if name == "ref":
-        return reference_row()
+    if name in ROW_LABELS:
+        return reference_row(device, name)
     row = RowConfig(name, optimizer=optimizer_kind(device), ema="foreach")
     tokens = [t.strip() for t in name.split("+")]
     if not all(tokens):
@@ -288,24 +334,21 @@ def parse_config(text: str, device: torch.device) -> RowConfig:
             row = replace(row, optimizer=value)
         elif key == "ema" and value in EMAS:
             row = replace(row, ema=value)
-        elif token == "ref":
-            raise UserError(f"--configs: 'ref' is a config of its own, not a change ({name!r})")
+        elif token in ROW_LABELS:
+            raise UserError(f"--configs: {token!r} is a config of its own, not a change ({name!r})")
         else:
             raise UserError(
-                f"--configs: unknown item {token!r} in {name!r}; use ref or '+'-joined fp32|bf16|fp16, "
-                "math|sdpa|flash, compile, ckpt, opt=plain|foreach|fused, ema=loop|foreach, minidit"
+                f"--configs: unknown item {token!r} in {name!r}; use ref, ref-2023 or '+'-joined fp32|bf16|fp16, "
+                "sdpa|math|flash, compile, ckpt, opt=plain|foreach|fused, ema=loop|foreach, minidit"
             )
     return row
 
 
 def parse_configs(text: str, device: torch.device) -> list[RowConfig]:
     """A comma-separated sweep -> rows, the reference first (added when missing), duplicates dropped."""
-    rows = [reference_row()]
+    rows = [reference_row(device)]
     for item in text.split(","):
-        if not item.strip():
-            continue
-        row = parse_config(item, device)
-        if row not in rows and not (row.reference and rows[0].reference):
+        if item.strip() and (row := parse_config(item, device)) not in rows:
             rows.append(row)
     return rows
 
@@ -438,11 +481,9 @@ class TrainStep:
                 attn_backend=row.attn, grad_checkpointing=row.grad_checkpointing,
             ).train()  # fmt: skip
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        if row.reference:  # as the reference: every parameter (pos_embed has no grad and is skipped)
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0, foreach=False, fused=False)
-        else:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            self.opt = make_optimizer(trainable, lr=1e-4, weight_decay=0.0, device=device, kind=row.optimizer)
+        # the reference passes every parameter (pos_embed has no grad and is skipped), the trainer the trainable ones
+        params = [p for p in self.model.parameters() if p.requires_grad or row.reference]
+        self.opt = make_optimizer(params, lr=1e-4, weight_decay=0.0, device=device, kind=row.optimizer)
         self.forward = torch.compile(self.model) if row.compile else self.model
         self.amp_dtype = AMP_DTYPES[row.precision]
         self.scaler = torch.amp.GradScaler(device.type) if row.precision == "fp16" else None
@@ -653,13 +694,15 @@ def bench_training(
     return results
 
 
-def add_ratios(results: list[dict[str, Any]], key: str, ref_name: str = "ref") -> None:
-    """Set ``x_ref`` = result[key] / the reference row's (same sampler for sampling rows), None where unknown."""
+def _ref_of(res: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``ref`` row ``res`` is compared with (the same sampler for sampling rows)."""
+    return next((r for r in results if r["name"] == "ref" and r.get("sampler") == res.get("sampler")), None)
+
+
+def add_ratios(results: list[dict[str, Any]], key: str) -> None:
+    """Set ``x_ref`` = result[key] / the ``ref`` row's (same sampler for sampling rows), None where unknown."""
     for res in results:
-        ref = next(
-            (r for r in results if r["name"] == ref_name and r.get("sampler") == res.get("sampler")),
-            None,
-        )
+        ref = _ref_of(res, results)
         ok = ref is not None and ref["status"] == "ok" and res["status"] == "ok"
         res["x_ref"] = res[key] / ref[key] if ok and ref[key] else None
 
@@ -848,6 +891,7 @@ def run_benchmark(
         result["sampling"] = bench_sampling(spec, sample_rows, ctx, log=log)
     result["load_average_end"] = _loadavg()
     result["wall_s"] = process_wall_time()
+    flag_noise(result, os.cpu_count())
     on_update(result)
     return result
 
@@ -874,8 +918,20 @@ def _fmt_pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def _fmt_ratio(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}×"
+def _fmt_ratio(res: dict[str, Any]) -> str:
+    x = res["x_ref"]
+    return "n/a" if x is None else f"{x:.2f}×" + (" (noise)" if res.get("x_ref_noisy") else "")
+
+
+def noise_warning(result: dict[str, Any]) -> str | None:
+    """One line saying the figures are noise, why, and how to get clean ones (None when they look clean)."""
+    if not result.get("noise"):
+        return None
+    return (
+        f"warning: these timings are noise ({'; '.join(result['noise'])}), so the ratios marked (noise) are "
+        "unreliable: for clean figures stop other jobs, rerun when `uptime` shows a load average well under the "
+        "core count, or raise --repeats"
+    )
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -895,7 +951,7 @@ SAMPLE_COLUMNS = ("config", "sampler", "steps", "images", "s/loop: median (min-m
 
 def training_cells(res: dict[str, Any]) -> list[str]:
     c = res["config"]
-    name = res["name"] + (" (reference)" if c["reference"] else "")
+    name = ROW_LABELS.get(res["name"], res["name"])
     yes_no = {True: "yes", False: "no"}
     cells = [name, c["precision"], c["attn"], yes_no[c["compile"]], yes_no[c["grad_checkpointing"]]]
     cells += [c["optimizer"], c["ema"]]
@@ -909,7 +965,7 @@ def training_cells(res: dict[str, Any]) -> list[str]:
         f"{res['tflops']:.3g}",
         _fmt_pct(res["mfu"]),
         _fmt_bytes(res.get("memory_bytes")),
-        _fmt_ratio(res["x_ref"]),
+        _fmt_ratio(res),
     ]
 
 
@@ -922,7 +978,7 @@ def sampling_cells(res: dict[str, Any]) -> list[str]:
         f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
         f"{res['step_ms']:.1f}",
         f"{res['images_per_s']:.3g}",
-        _fmt_ratio(res["x_ref"]),
+        _fmt_ratio(res),
     ]
 
 
@@ -985,7 +1041,8 @@ def format_report(result: dict[str, Any]) -> str:
             lines += ["", f"torch.profiler, {r['name']}, top ops:", r["profile"]]
     if result.get("wall_s") is not None:
         lines.append(f"wall time: {result['wall_s']:.1f} s (process start to end, imports included)")
-    return "\n".join(lines)
+    warning = noise_warning(result)
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -1001,6 +1058,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines += ["", _md_table(SAMPLE_COLUMNS, [sampling_cells(r) for r in result["sampling"]])]
     if result["notes"]:
         lines += [""] + [f"- note: {n}" for n in result["notes"]]
+    if noise_warning(result):
+        lines += ["", f"- **{noise_warning(result)}**"]
     syncs = {r["name"]: r["host_syncs_per_step"] for r in result["training"] if "host_syncs_per_step" in r}
     if syncs:
         lines += ["", f"- synchronising CUDA calls per step (forward/loss/optimizer thread): {syncs}"]
@@ -1075,7 +1134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_batch_size(model: str, device: torch.device) -> int:
-    """The CUDA default: 64 per GPU, 32 for the L/XL models on GPUs under 100 GiB (the reference row
+    """The CUDA default: 64 per GPU, 32 for the L/XL models on GPUs under 100 GiB (the ref-2023 row
     is fp32 with math attention: its [B, H, T, T] attention maps are kept for the backward)."""
     if device.type != "cuda":
         return 16
@@ -1161,7 +1220,7 @@ def resolve(args: argparse.Namespace) -> tuple[Spec, list[RowConfig]]:
             optimizer=optimizer_kind(device),
             ema="foreach",
         )
-        rows = [reference_row(), row]
+        rows = [reference_row(device), reference_row(device, "ref-2023"), row]
     if spec.warmup < 1 and any(r.compile for r in rows):
         raise UserError("compiled rows need --warmup >= 1 (the first step compiles)")
     return spec, rows

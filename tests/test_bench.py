@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,12 @@ def test_model_flops_come_from_model_stats():
     from minidit.stats import model_stats
 
     spec = tiny_spec(model="DiT-B/8", input_size=16, num_classes=1000, training=False, sampling=False)
-    model = bench.run_benchmark(spec, [bench.reference_row()], log=lambda s: None)["model"]
+    model = bench.run_benchmark(spec, [bench.reference_row(CPU)], log=lambda s: None)["model"]
     gmacs = model_stats("DiT-B/8", input_size=16).gmacs
     assert model["forward_gmacs_per_image"] == pytest.approx(gmacs)
     assert model["train_flops_per_image"] == pytest.approx(6 * gmacs * 1e9)
     assert model["tokens"] == 4 and model["params"] == model_stats("DiT-B/8", input_size=16).params
-    result = bench.run_benchmark(tiny_spec(sampling=False, repeats=1), [bench.reference_row()], log=lambda s: None)
+    result = bench.run_benchmark(tiny_spec(sampling=False, repeats=1), [bench.reference_row(CPU)], log=lambda s: None)
     gmacs = result["model"]["forward_gmacs_per_image"]
     row = result["training"][0]
     assert row["tflops"] == pytest.approx(row["images_per_s"] * 6 * gmacs / 1e3)
@@ -100,6 +101,7 @@ def test_model_flops_come_from_model_stats():
 def test_summarize_median_quartiles_and_range():
     s = bench.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (s["median"], s["min"], s["max"], s["q1"], s["q3"], s["n"]) == (3.0, 1.0, 5.0, 2.0, 4.0, 5)
+    assert s["spread"] == pytest.approx(2.0 / 3.0)  # IQR / median
     assert bench.summarize([4.0, 1.0])["median"] == 2.5  # even count: the mean of the middle two
     assert bench.summarize([7.0])["median"] == 7.0
     with pytest.raises(ValueError):
@@ -123,27 +125,41 @@ def test_time_per_call_measures_real_time():
 # -- configs ------------------------------------------------------------------------------------
 
 
-def test_reference_row_is_the_reference_recipe():
-    ref = bench.reference_row()
-    assert ref.reference and (ref.precision, ref.attn, ref.compile, ref.optimizer, ref.ema) == (
-        "fp32", "math", False, "plain", "loop",
-    )  # fmt: skip
+def test_reference_row_is_the_reference_recipe_as_it_runs_today():
+    """The baseline is the reference code with today's timm (fused SDPA) and torch's default AdamW;
+    the 2023 math-attention recipe is an extra row, otherwise the same."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    ref = bench.reference_row(CPU)
+    assert ref.name == "ref" and ref.reference
+    assert (ref.precision, ref.attn, ref.compile, ref.optimizer, ref.ema) == ("fp32", "sdpa", False, "plain", "loop")
+    # torch.optim.AdamW(params) as the reference calls it: per-tensor on a CPU, foreach on CUDA
+    assert _default_to_fused_or_foreach([torch.zeros(1)], differentiable=False) == (False, False)
+    assert bench.reference_row(torch.device("cuda")).optimizer == "foreach"
+    old = bench.reference_row(CPU, "ref-2023")
+    assert old.reference and old.attn == "math" and old == replace(ref, name="ref-2023", attn="math")
+    assert "extra" in bench.ROW_LABELS["ref-2023"] and "2023" in bench.ROW_LABELS["ref-2023"]
 
 
 def test_parse_configs_prepends_the_reference_and_reads_tokens():
     rows = bench.parse_configs("bf16,bf16+sdpa,bf16+sdpa+compile+ckpt,fp32+opt=plain+ema=loop", CPU)
     assert [r.name for r in rows] == ["ref", "bf16", "bf16+sdpa", "bf16+sdpa+compile+ckpt", "fp32+opt=plain+ema=loop"]
-    assert rows[0] == bench.reference_row()
-    assert (rows[1].precision, rows[1].attn, rows[1].compile) == ("bf16", "math", False)
+    assert rows[0] == bench.reference_row(CPU)
+    assert (rows[1].precision, rows[1].attn, rows[1].compile) == ("bf16", "sdpa", False)  # changes from the reference
+    assert bench.parse_config("math", CPU).attn == "math"
     assert rows[1].optimizer == "fused" and rows[1].ema == "foreach"  # minidit's optimizer and EMA on CPU
     last = rows[3]
     assert (last.precision, last.attn, last.compile, last.grad_checkpointing) == ("bf16", "sdpa", True, True)
     assert (rows[4].optimizer, rows[4].ema, rows[4].reference) == ("plain", "loop", False)
     assert [r.name for r in bench.parse_configs("ref,sdpa,ref,sdpa", CPU)] == ["ref", "sdpa"]
+    assert bench.parse_configs("ref-2023,sdpa", CPU)[:2] == [
+        bench.reference_row(CPU),
+        bench.reference_row(CPU, "ref-2023"),
+    ]
     assert bench.parse_config("minidit", CPU).attn == "sdpa"
 
 
-@pytest.mark.parametrize("bad", ["bf17", "bf16++sdpa", "sdpa+ref", "opt=adam"])
+@pytest.mark.parametrize("bad", ["bf17", "bf16++sdpa", "sdpa+ref", "bf16+ref-2023", "opt=adam"])
 def test_parse_configs_refuses_unknown_items(bad):
     with pytest.raises(bench.UserError):
         bench.parse_configs(bad, CPU)
@@ -178,10 +194,13 @@ def test_reference_ema_loop_matches_the_formula_and_minidit_ema():
 
 def test_train_step_uses_the_rows_settings_and_trains():
     spec = tiny_spec()
-    ref = bench.TrainStep(spec, bench.reference_row(), CPU)
+    ref = bench.TrainStep(spec, bench.reference_row(CPU), CPU)
     group = ref.opt.param_groups[0]
-    assert group["foreach"] is False and group["fused"] is False
-    assert all(b.attn.backend == "math" for b in ref.model.blocks)
+    assert group["foreach"] is False and group["fused"] is False  # what torch.optim.AdamW(params) runs on a CPU
+    assert len(group["params"]) == len(list(ref.model.parameters()))  # every parameter, as the reference passes them
+    assert all(b.attn.backend == "sdpa" for b in ref.model.blocks)  # timm's fused_attn
+    old = bench.TrainStep(spec, bench.reference_row(CPU, "ref-2023"), CPU)
+    assert all(b.attn.backend == "math" for b in old.model.blocks)
     fast = bench.TrainStep(spec, bench.parse_config("sdpa+ckpt", CPU), CPU)
     assert fast.opt.param_groups[0]["fused"] is True
     assert all(b.attn.backend == "sdpa" for b in fast.model.blocks) and fast.model.grad_checkpointing
@@ -202,12 +221,16 @@ def test_train_step_uses_the_rows_settings_and_trains():
 
 def test_bench_returns_rows_with_the_reference_first():
     spec = tiny_spec()
-    rows = bench.parse_configs("sdpa,bf16", CPU)
+    rows = bench.parse_configs("sdpa,bf16,ref-2023", CPU)
     result = bench.run_benchmark(spec, rows, log=lambda s: None)
     train = result["training"]
-    assert [r["name"] for r in train] == ["ref", "sdpa", "bf16"]
-    ref, sdpa, bf16 = train
-    assert ref["config"]["reference"] and ref["status"] == "ok" and ref["x_ref"] == 1.0
+    assert [r["name"] for r in train] == ["ref", "sdpa", "bf16", "ref-2023"]
+    ref, sdpa, bf16, old = train
+    # every ratio is against the fused-SDPA baseline, the 2023 math-attention row's too
+    assert old["config"]["attn"] == "math" and old["status"] == "ok"
+    assert old["x_ref"] == pytest.approx(old["images_per_s"] / ref["images_per_s"])
+    assert ref["config"]["reference"] and ref["config"]["attn"] == "sdpa" and ref["status"] == "ok"
+    assert ref["x_ref"] == 1.0
     assert sdpa["status"] == "ok" and bf16["status"] == "skipped" and bf16["x_ref"] is None
     for r in (ref, sdpa):
         assert len(r["raw_step_s"]) == spec.repeats and r["step_s"]["n"] == spec.repeats
@@ -226,7 +249,70 @@ def test_bench_returns_rows_with_the_reference_first():
     assert samp[2]["x_ref"] == pytest.approx(samp[2]["images_per_s"] / samp[0]["images_per_s"])
     text = bench.format_report(result)
     assert "ref (reference)" in text and "× ref" in text and "n/a" in text and "max RSS" in text
+    assert "ref-2023 (extra: 2023 math attention)" in text
     json.dumps(result)  # JSON-ready
+
+
+# -- noise ------------------------------------------------------------------------------------
+
+CLEAN = [0.100, 0.101, 0.099, 0.102, 0.098]  # seconds per step: IQR 2% of the median
+NOISY = [0.175, 0.180, 5.716, 3.000, 0.190]  # the loaded machine of issue 9: IQR ~15x the median
+
+
+def synthetic_run(ref_s: list[float], row_s: list[float], load: float, sampling: bool = False) -> dict:
+    """A finished run's result with the given timing samples (no timing happens): ref and one minidit row,
+    training, or DDPM sampling loops with ``sampling``."""
+    result = bench.run_benchmark(tiny_spec(training=False, sampling=False), [], log=lambda s: None)
+    rows = []
+    for row, samples in ((bench.reference_row(CPU), ref_s), (bench.parse_config("minidit", CPU), row_s)):
+        s = bench.summarize(samples)
+        res = {"name": row.name, "config": asdict(row), "status": "ok", "note": ""}
+        if sampling:
+            res.update(sampler="ddpm", steps=10, batch=2, cfg_scale=4.0, loop_s=s, step_ms=s["median"] * 100)
+            res["images_per_s"] = 2 / s["median"]
+        else:
+            res.update(step_s=s, memory_bytes=2**30, **bench.throughput(s["median"], 8, 16, 1.2e8, None))
+        rows.append(res)
+    bench.add_ratios(rows, "images_per_s")
+    result["sampling" if sampling else "training"] = rows
+    result["load_average_start"] = [load, load, load]
+    bench.flag_noise(result, cores=2)
+    return result
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_noisy_timings_give_a_one_line_warning_and_unreliable_ratios(sampling):
+    result = synthetic_run(NOISY, CLEAN, load=0.5, sampling=sampling)
+    ref, row = result["sampling" if sampling else "training"]
+    assert row["x_ref"] == pytest.approx(1.9) and row["x_ref_noisy"]  # a "1.9x speed-up" against a noisy reference
+    assert not ref["x_ref_noisy"]  # 1.00x is the reference itself
+    assert result["noise"] == [f"ref{' ddpm' if sampling else ''}: interquartile range 1484% of the median"]
+    text = bench.format_report(result)
+    warnings = [line for line in text.splitlines() if "noise" in line and "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: these timings are noise")
+    assert "uptime" in warnings[0] and "--repeats" in warnings[0]  # how to get clean figures
+    assert f"{row['x_ref']:.2f}× (noise)" in text and "1.00× (noise)" not in text
+    assert "warning: these timings are noise" in bench.format_markdown(result)
+
+
+def test_a_noisy_row_marks_its_own_ratio():
+    result = synthetic_run(CLEAN, NOISY, load=0.5)
+    assert result["training"][1]["x_ref_noisy"] and result["noise"][0].startswith("minidit: ")
+
+
+def test_an_overloaded_machine_makes_every_ratio_unreliable():
+    result = synthetic_run(CLEAN, CLEAN, load=5.3)
+    assert result["noise"] == ["load average 5.3 on 2 cores at the start"]
+    assert result["training"][1]["x_ref_noisy"]
+    assert "1.00× (noise)" in bench.format_report(result)  # the minidit row's ratio, marked
+
+
+def test_clean_timings_give_no_warning():
+    result = synthetic_run(CLEAN, [t * 0.9 for t in CLEAN], load=1.9)  # below the core count
+    assert result["noise"] == [] and not any(r["x_ref_noisy"] for r in result["training"])
+    text = bench.format_report(result)
+    assert "noise" not in text and "1.11×" in text
+    assert bench.NOISY_SPREAD < 0.5  # a spread of half the median is never called clean
 
 
 def test_a_failing_row_is_recorded_and_the_others_still_run(monkeypatch):
@@ -246,7 +332,7 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(monkeypatch):
 
 def test_vae_in_loop_uses_a_stand_in_encoder():
     spec = tiny_spec(sampling=False, vae_in_loop=True, repeats=1)
-    result = bench.run_benchmark(spec, [bench.reference_row()], log=lambda s: None)
+    result = bench.run_benchmark(spec, [bench.reference_row(CPU)], log=lambda s: None)
     assert result["training"][0]["status"] == "ok"
     assert any("stand-in" in n for n in result["notes"])
 
@@ -287,8 +373,9 @@ def test_quick_defaults_are_small():
     spec, rows = bench.resolve(bench.build_parser().parse_args(["--quick", "--device", "cpu"]))
     assert (spec.model, spec.input_size, spec.batch_size) == ("DiT-Ti/4", 16, 8)
     assert spec.quick and spec.interleave and (spec.ddpm_steps, spec.ddim_steps) == (10, 5)
-    assert [r.name for r in rows] == ["ref", "minidit"]
-    assert (rows[1].precision, rows[1].attn, rows[1].compile) == ("fp32", "sdpa", False)
+    assert [r.name for r in rows] == ["ref", "ref-2023", "minidit"]  # the baseline, the 2023 extra, minidit
+    assert [r.attn for r in rows] == ["sdpa", "math", "sdpa"]
+    assert (rows[2].precision, rows[2].compile, rows[2].reference) == ("fp32", False, False)
 
 
 @pytest.mark.slow
@@ -345,7 +432,8 @@ def test_bench_needs_no_optional_packages():
         "sys.meta_path.insert(0, Block())\n"
         "from minidit import bench\n"
         "bench.run_benchmark(bench.Spec('DiT-Ti/8', 16, 4, 10, 1, 'cpu', 0, 1, 1, True, ddpm_steps=1, ddim_steps=1,\n"
-        "                    sample_batch=1, sample_repeats=1), [bench.reference_row()], log=lambda s: None)\n"
+        "                    sample_batch=1, sample_repeats=1), [bench.reference_row(bench.torch.device('cpu'))],\n"
+        "                    log=lambda s: None)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
