@@ -54,7 +54,7 @@ def patchify_right(x, p):
 def patchify_by_loops(x, p):
     B, C, H, W = x.shape
     h, w = H // p, W // p
-    out = torch.empty(B, h * w, p * p * C)
+    out = torch.empty(B, h * w, p * p * C, dtype=x.dtype)
     for i in range(h):
         for j in range(w):
             for a in range(p):
@@ -118,6 +118,34 @@ def test_by_loops_is_the_reference_order():
     assert torch.equal(patchify_by_loops(x, 2), patchify_right(x, 2))
 
 
+def patchify_float32(x, p):  # an almost-right answer: right values, but float64 comes back float32
+    return patchify_right(x, p).float()
+
+
+def patchify_loops_float32(x, p):  # torch.empty without dtype= is float32 whatever x is
+    out = patchify_by_loops(x, p)
+    return out.to(torch.float32)
+
+
+PATCHIFY_MUTANTS = [  # (mistake, function, hint keywords)
+    ("channels first (c p q)", patchify_channels_first, ("channels first", "channels LAST")),
+    ("F.unfold's layout", patchify_unfold, ("channels first",)),
+    ("tokens column by column", patchify_column_major, ("column by column", "row-major")),
+    ("(p h) instead of (h p)", patchify_interleaved, ("pixels H/p apart", "(h p)")),
+    ("grid size and patch size swapped", patchify_grid_for_patch,
+     ("got shape (2, 4, 48)", "swap the patch size and the grid size")),
+    ("tokens and features swapped", patchify_features_first,
+     ("expected (2, 16, 12)", "Tokens and features are swapped")),
+    ("transposed image", patchify_transposed_image, ("TRANSPOSED image",)),
+    ("H used for W (square only)", patchify_square_only, ("Square inputs passed", "x of shape (1, 4, 12, 8)")),
+    ("flatten(2) only", lambda x, p: x.flatten(2), ("got shape",)),
+    ("reshape without permute", patchify_no_permute, ("without permuting",)),
+    ("numpy array returned", lambda x, p: patchify_right(x, p).numpy(), ("should be a torch.Tensor",)),
+    ("float64 input returned as float32", patchify_float32, ("expected torch.float64", "keep the input's dtype")),
+    ("loops into a float32 buffer", patchify_loops_float32, ("expected torch.float64",)),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "check, label",
     [(lesson01.check_patchify, "1.1 (patchify)"), (lesson01.check_patchify_einops, "1.2 (patchify_einops)")],
@@ -126,18 +154,9 @@ def test_patchify_checks(check, label, capsys):
     for right in (patchify_right, patchify_einops_right, patchify_by_loops):
         assert_passes(check, right, label, capsys)
     assert_fails(check, stub, label, "not implemented yet")
-    assert_fails(check, patchify_channels_first, label, "channels first", "channels LAST")
-    assert_fails(check, patchify_unfold, label, "channels first")
-    assert_fails(check, patchify_column_major, label, "column by column", "row-major")
-    assert_fails(check, patchify_interleaved, label, "pixels H/p apart", "(h p)")
-    assert_fails(check, patchify_grid_for_patch, label, "got shape (2, 4, 48)", "swap the patch size and the grid size")
-    assert_fails(check, patchify_features_first, label, "expected (2, 16, 12)", "Tokens and features are swapped")
-    assert_fails(check, patchify_transposed_image, label, "TRANSPOSED image")
-    message = assert_fails(check, patchify_square_only, label, "Square inputs passed", "x of shape (1, 4, 12, 8)")
-    assert "raised RuntimeError" in message
-    assert_fails(check, lambda x, p: x.flatten(2), label, "got shape")
-    assert_fails(check, patchify_no_permute, label, "without permuting")
-    assert_fails(check, lambda x, p: patchify_right(x, p).numpy(), label, "should be a torch.Tensor")
+    for _, fn, hints in PATCHIFY_MUTANTS:
+        assert_fails(check, fn, label, *hints)
+    assert "raised RuntimeError" in assert_fails(check, patchify_square_only, label)
 
 
 # --------------------------------------------------------------------------
@@ -155,7 +174,7 @@ def unpatchify_right(x, p, c):
 def unpatchify_by_loops(x, p, c):
     B, T, _ = x.shape
     h = w = math.isqrt(T)
-    out = torch.empty(B, c, h * p, w * p)
+    out = torch.empty(B, c, h * p, w * p, dtype=x.dtype)
     for t in range(T):
         i, j = divmod(t, w)
         for a in range(p):
@@ -197,18 +216,27 @@ def unpatchify_patch_transposed(x, p, c):
     return rearrange(x, "b (h w) (q p c) -> b c (h p) (w q)", h=h, p=p, q=p, c=c)
 
 
+UNPATCHIFY_MUTANTS = [
+    ("reads tokens channels first", unpatchify_channels_first, ("channels first", "[B, h, w, p, p, c]")),
+    ("transposed image", unpatchify_transposed, ("TRANSPOSED",)),
+    ("(p h) instead of (h p)", unpatchify_p_before_h, ("(p h) instead of (h p)",)),
+    ("each patch transposed", unpatchify_patch_transposed, ("Each patch comes out transposed",)),
+    ("channels-last image", unpatchify_channels_last_image, ("channels-last image",)),
+    ("reshape without permute", unpatchify_no_permute, ("without permuting", "[B, h, w, p, p, c]")),
+    ("numpy array returned", lambda x, p, c: unpatchify_right(x, p, c).numpy(), ("should be a torch.Tensor",)),
+    ("float64 input returned as float32", lambda x, p, c: unpatchify_right(x, p, c).float(),
+     ("expected torch.float64", "keep the input's dtype")),
+]  # fmt: skip
+
+
 def test_unpatchify_check(capsys):
     label = "1.3 (unpatchify)"
     check = lesson01.check_unpatchify
     for right in (unpatchify_right, unpatchify_by_loops):
         assert_passes(check, right, label, capsys)
     assert_fails(check, stub, label, "not implemented yet")
-    assert_fails(check, unpatchify_channels_first, label, "channels first", "[B, h, w, p, p, c]")
-    assert_fails(check, unpatchify_transposed, label, "TRANSPOSED")
-    assert_fails(check, unpatchify_p_before_h, label, "(p h) instead of (h p)")
-    assert_fails(check, unpatchify_patch_transposed, label, "Each patch comes out transposed")
-    assert_fails(check, unpatchify_channels_last_image, label, "channels-last image")
-    assert_fails(check, unpatchify_no_permute, label, "without permuting", "[B, h, w, p, p, c]")
+    for _, fn, hints in UNPATCHIFY_MUTANTS:
+        assert_fails(check, fn, label, *hints)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(unpatchify_right(patchify_right(x, 2), 2, 3), x)
 
@@ -274,19 +302,54 @@ def embed_in_place(conv):
     return embed_right(conv)
 
 
+def embed_float32(conv):  # the learner's almost-right answer: nn.Linear's default dtype whatever the conv's
+    D = conv.out_channels
+    lin = nn.Linear(conv.weight[0].numel(), D)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(D, -1))
+        lin.bias.copy_(conv.bias)
+    return lin
+
+
+def embed_right_dtype(conv):
+    D, C, p, _ = conv.weight.shape
+    lin = nn.Linear(p * p * C, D, dtype=conv.weight.dtype, device=conv.weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(D, -1))
+        lin.bias.copy_(conv.bias)
+    return lin
+
+
+EMBED_MUTANTS = [
+    ("conv weight flattened channels first", embed_channels_first, ("channels first", "behind the two patch axes")),
+    ("each patch transposed", embed_patch_transposed, ("patch row and column are swapped",)),
+    ("no bias", embed_no_bias, ("has no bias",)),
+    ("bias not copied", embed_bias_not_copied, ("Did you copy conv.bias?",)),
+    ("zero bias", embed_zero_bias, ("bias is all zeros",)),
+    ("returns the weight tensor", embed_tensor, ("return an nn.Linear, not a tensor",)),
+    ("weight [p*p*C, D]", embed_transposed_weight, ("[out_features, in_features]",)),
+    ("modifies the conv in place", embed_in_place, ("modified the Conv2d",)),
+    ("float32 Linear for a float64 conv", embed_float32, ("torch.float64 but your Linear is torch.float32",
+                                                         "Create it with the conv's dtype")),
+]  # fmt: skip
+
+
 def test_patch_embed_as_linear_check(capsys):
     label = "1.4 (patch_embed_as_linear)"
     check = lesson01.check_patch_embed_as_linear
-    assert_passes(check, embed_right, label, capsys)
+    assert_passes(check, embed_right_dtype, label, capsys)
     assert_fails(check, stub, label, "not implemented yet")
-    assert_fails(check, embed_channels_first, label, "channels first", "permute(0, 2, 3, 1)")
-    assert_fails(check, embed_patch_transposed, label, "patch row and column are swapped")
-    assert_fails(check, embed_no_bias, label, "has no bias")
-    assert_fails(check, embed_bias_not_copied, label, "Did you copy conv.bias?")
-    assert_fails(check, embed_zero_bias, label, "bias is all zeros")
-    assert_fails(check, embed_tensor, label, "return an nn.Linear, not a tensor")
-    assert_fails(check, embed_transposed_weight, label, "[out_features, in_features]")
-    assert_fails(check, embed_in_place, label, "modified the Conv2d")
+    for _, fn, hints in EMBED_MUTANTS:
+        assert_fails(check, fn, label, *hints)
+
+
+def test_the_float32_linear_breaks_the_lessons_float64_comparison():
+    """Why 1.4 checks the dtype: the lesson's next cell runs the Linear on float64 tokens."""
+    conv = nn.Conv2d(4, 8, 2, stride=2, dtype=torch.float64)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        embed_float32(conv)(patchify_right(x, 2))
+    torch.testing.assert_close(embed_right_dtype(conv)(patchify_right(x, 2)), conv(x).flatten(2).transpose(1, 2))
 
 
 # --------------------------------------------------------------------------
@@ -328,25 +391,38 @@ def pos_embed_interleaved(D, g):
     return table.transpose(2, 3).reshape(g * g, D)
 
 
+POS_MUTANTS = [
+    ("row half first", lambda D, g: pos_embed_by_loops(D, g, rows_first=True), ("The halves are swapped",)),
+    ("cos before sin", lambda D, g: pos_embed_by_loops(D, g, cos_first=True), ("sines first",)),
+    ("exponent divided by D/2", lambda D, g: pos_embed_by_loops(D, g, denominator=D / 2), ("not by D/2",)),
+    ("exponent divided by D/4 - 1", lambda D, g: pos_embed_by_loops(D, g, denominator=D // 4 - 1),
+     ("divides by D/4 - 1", "k = 0 .. D/4-1")),
+    ("positions start at 1", lambda D, g: pos_embed_by_loops(D, g, start=1), ("Positions start at 1",)),
+    ("sin and cos interleaved", pos_embed_interleaved, ("interleaved",)),
+    ("rows first and cos first", lambda D, g: pos_embed_by_loops(D, g, rows_first=True, cos_first=True),
+     ("sines first", "The halves are swapped")),
+    ("float32 table", lambda D, g: pos_embed_by_loops(D, g, dtype=torch.float32), ("float64",)),
+    ("[g, g, D] grid", lambda D, g: pos_embed_vectorised(D, g).reshape(g, g, D), ("row by row: [T, D]",)),
+    ("transposed table", lambda D, g: pos_embed_vectorised(D, g).T, ("transposed",)),
+    ("batch axis", lambda D, g: pos_embed_vectorised(D, g)[None], ("without a batch axis",)),
+    ("numpy array", lambda D, g: pos_embed_vectorised(D, g).numpy(), ("numpy array", "return a torch.Tensor")),
+]  # fmt: skip
+
+
 def test_pos_embed_check(capsys):
     label = "1.5 (pos_embed)"
     check = lesson01.check_pos_embed
-    for right in (pos_embed_by_loops, pos_embed_vectorised, lambda D, g: pos_embed_vectorised(D, g).numpy()):
+    for right in (pos_embed_by_loops, pos_embed_vectorised):
         assert_passes(check, right, label, capsys)
     assert_fails(check, stub, label, "not implemented yet")
-    assert_fails(check, lambda D, g: pos_embed_by_loops(D, g, rows_first=True), label, "The halves are swapped")
-    assert_fails(check, lambda D, g: pos_embed_by_loops(D, g, cos_first=True), label, "sines first")
-    assert_fails(check, lambda D, g: pos_embed_by_loops(D, g, denominator=D / 2), label, "not by D/2")
-    assert_fails(check, lambda D, g: pos_embed_by_loops(D, g, start=1), label, "Positions start at 1")
-    assert_fails(check, pos_embed_interleaved, label, "interleaved")
-    message = assert_fails(
-        check, lambda D, g: pos_embed_by_loops(D, g, rows_first=True, cos_first=True), label, "sines first"
-    )
-    assert "The halves are swapped" in message
-    assert_fails(check, lambda D, g: pos_embed_by_loops(D, g, dtype=torch.float32), label, "float64")
-    assert_fails(check, lambda D, g: pos_embed_vectorised(D, g).reshape(g, g, D), label, "row by row: [T, D]")
-    assert_fails(check, lambda D, g: pos_embed_vectorised(D, g).T, label, "transposed")
-    assert_fails(check, lambda D, g: pos_embed_vectorised(D, g)[None], label, "without a batch axis")
+    for _, fn, hints in POS_MUTANTS:
+        assert_fails(check, fn, label, *hints)
+
+
+def test_a_numpy_table_breaks_the_cells_after_the_check():
+    """Why 1.5 refuses numpy: the lesson's next cells call .float() on the table."""
+    with pytest.raises(AttributeError):
+        pos_embed_vectorised(8, 2).numpy().float()
 
 
 def test_checks_are_deterministic_and_fast(capsys):
@@ -356,7 +432,7 @@ def test_checks_are_deterministic_and_fast(capsys):
     for check, fn in (
         (lesson01.check_patchify, patchify_right),
         (lesson01.check_unpatchify, unpatchify_right),
-        (lesson01.check_patch_embed_as_linear, embed_right),
+        (lesson01.check_patch_embed_as_linear, embed_right_dtype),
         (lesson01.check_pos_embed, pos_embed_vectorised),
     ):
         check(fn)
@@ -364,6 +440,22 @@ def test_checks_are_deterministic_and_fast(capsys):
     first = None
     for _ in range(2):
         with pytest.raises(ExerciseFailed) as info:
-            lesson01.check_pos_embed(lambda D, g: np.zeros((g * g, D)))
+            lesson01.check_pos_embed(lambda D, g: torch.from_numpy(np.zeros((g * g, D))))
         first = first or str(info.value)
         assert str(info.value) == first
+
+
+MUTANTS = {  # exercise -> its mutants, for the course's mutant table
+    "1.1 (patchify)": PATCHIFY_MUTANTS,
+    "1.2 (patchify_einops)": PATCHIFY_MUTANTS,
+    "1.3 (unpatchify)": UNPATCHIFY_MUTANTS,
+    "1.4 (patch_embed_as_linear)": EMBED_MUTANTS,
+    "1.5 (pos_embed)": POS_MUTANTS,
+}
+CHECKS = {
+    "1.1 (patchify)": lesson01.check_patchify,
+    "1.2 (patchify_einops)": lesson01.check_patchify_einops,
+    "1.3 (unpatchify)": lesson01.check_unpatchify,
+    "1.4 (patch_embed_as_linear)": lesson01.check_patch_embed_as_linear,
+    "1.5 (pos_embed)": lesson01.check_pos_embed,
+}

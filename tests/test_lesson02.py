@@ -35,6 +35,13 @@ def timestep_embedding_float64(t, dim=256, max_period=10000.0):  # a different, 
     return torch.cat([args.cos(), args.sin()], dim=-1).float()
 
 
+def timestep_embedding_unsqueeze_(t, dim=256, max_period=10000.0):  # t.unsqueeze_ changes the caller's tensor
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.unsqueeze_(1).float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
 def stub(*args, **kwargs):
     raise NotImplementedError("Exercise: replace this line with your code")
 
@@ -56,6 +63,11 @@ TIMESTEP_MISTAKES = {
                  "that is half the width"),
     "float64 result": (lambda t, dim=256, max_period=10000.0: _embedding(t, dim, max_period).double(),
                        "expected torch.float32"),
+    "max_period = 1000 (the number of steps)": (lambda t, dim=256, max_period=10000.0: _embedding(t, dim, 1000.0),
+                                                "a period of 1000"),
+    "numpy array": (lambda t, dim=256, max_period=10000.0: _embedding(t, dim, max_period).numpy(),
+                    "should be a torch.Tensor"),
+    "t unsqueezed in place": (timestep_embedding_unsqueeze_, "changed its input t in place"),
 }  # fmt: skip
 
 
@@ -76,6 +88,13 @@ def test_timestep_embedding_mistakes_are_named(name):
     with pytest.raises(AssertionError, match=r"Exercise 2\.1 \(timestep_embedding\)") as err:
         lesson02.check_timestep_embedding(fn)
     assert hint in str(err.value), str(err.value)
+
+
+def test_timestep_embedding_failure_states_the_tolerance_it_applies():
+    """The message names the atol and rtol the check really uses (not a made-up '< 1e-4')."""
+    with pytest.raises(AssertionError) as err:
+        lesson02.check_timestep_embedding(TIMESTEP_MISTAKES["sin first"][0])
+    assert "atol=0.002, rtol=0.0001" in str(err.value), str(err.value)
 
 
 # --------------------------------------------------------------------------
@@ -118,10 +137,59 @@ def label_dropout_in_place(labels, num_classes, dropout_prob, train, force_drop_
 def label_dropout_reference(labels, num_classes, dropout_prob, train, force_drop_ids=None):
     from minidit.embed import LabelEmbedder
 
-    emb = LabelEmbedder(num_classes, 4, dropout_prob)
+    with torch.random.fork_rng(devices=[]):  # building the embedding table draws its weights
+        emb = LabelEmbedder(num_classes, 4, dropout_prob)
     if (train and dropout_prob > 0) or force_drop_ids is not None:
         return emb.token_drop(labels, force_drop_ids)
     return labels
+
+
+def label_dropout_flips(how):
+    """Right rate, other coin flips: the almost-right answers."""
+
+    def fn(labels, num_classes, dropout_prob, train, force_drop_ids=None):
+        B = labels.shape[0]
+        if force_drop_ids is not None:
+            drop = force_drop_ids == 1
+        elif train and dropout_prob > 0:
+            if how == "above":
+                drop = torch.rand(B) > 1 - dropout_prob
+            elif how == "bernoulli":
+                drop = torch.bernoulli(torch.full((B,), dropout_prob)).bool()
+            elif how == "numpy":
+                import numpy as np
+
+                drop = torch.from_numpy(np.random.default_rng(0).random(B) < dropout_prob)
+            elif how == "float64":
+                drop = torch.rand(B, dtype=torch.float64) < dropout_prob
+            else:  # "per label": one draw per label in a Python loop
+                drop = torch.tensor([torch.rand(()).item() < dropout_prob for _ in range(B)])
+        else:
+            return labels.clone()
+        return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+    return fn
+
+
+def label_dropout_draws_first(labels, num_classes, dropout_prob, train, force_drop_ids=None):
+    coins = torch.rand(labels.shape[0]) < dropout_prob  # drawn even when no coin is needed
+    if force_drop_ids is not None:
+        drop = force_drop_ids == 1
+    elif train:
+        drop = coins
+    else:
+        return labels.clone()
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+
+def label_dropout_draws_at_p0(labels, num_classes, dropout_prob, train, force_drop_ids=None):
+    if force_drop_ids is not None:
+        drop = force_drop_ids == 1
+    elif train:  # no `dropout_prob > 0`: draws a batch of numbers for nothing
+        drop = torch.rand(labels.shape[0]) < dropout_prob
+    else:
+        return labels.clone()
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
 
 LABEL_MISTAKES = {
@@ -132,13 +200,22 @@ LABEL_MISTAKES = {
     "force ignored in eval": (lambda *a, **k: label_dropout(*a, **k, force_in_eval=False),
                               "force_drop_ids was ignored with train=False"),
     "force combined with coins": (lambda *a, **k: label_dropout(*a, **k, combine=True), "*replaces* the random coin"),
-    "force plus coins, in eval too": (label_dropout_force_plus_coins, "more labels than force_drop_ids asks for"),
+    "right rate, drops where u > 1 - p": (label_dropout_flips("above"), "ABOVE 1 - dropout_prob"),
+    "right rate, numpy's generator": (label_dropout_flips("numpy"), "not the reference's coin flips"),
+    "right rate, float64 uniforms": (label_dropout_flips("float64"), "float64 uniform numbers"),
+    "draws before looking at train/force": (label_dropout_draws_first, "with train=False, no coin is flipped"),
+    "draws with dropout_prob = 0": (label_dropout_draws_at_p0, "with dropout_prob = 0, no coin is flipped"),
+    "numpy array": (lambda *a, **k: label_dropout(*a, **k).numpy(), "should be a torch.Tensor"),
+    "force plus coins, in eval too": (label_dropout_force_plus_coins, "with train=False, no coin is flipped"),
     "in place": (label_dropout_in_place, "changed its input in place"),
     "returns float": (lambda *a, **k: label_dropout(*a, **k).float(), "labels are integer indices"),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("fn", [label_dropout, label_dropout_reference])
+@pytest.mark.parametrize(
+    "fn",  # torch.bernoulli and one torch.rand per label happen to draw the same numbers: equally right
+    [label_dropout, label_dropout_reference, label_dropout_flips("bernoulli"), label_dropout_flips("per label")],
+)
 def test_label_dropout_right_answers_pass(fn, capsys):
     lesson02.check_label_dropout(fn)
     assert capsys.readouterr().out == "✅ Exercise 2.2 (label_dropout) passed\n"
@@ -147,6 +224,19 @@ def test_label_dropout_right_answers_pass(fn, capsys):
 def test_label_dropout_stub_fails():
     with pytest.raises(AssertionError, match=r"Exercise 2\.2 \(label_dropout\): not implemented yet"):
         lesson02.check_label_dropout(stub)
+
+
+def test_other_coin_flips_break_the_lessons_comparison_with_token_drop():
+    """Why 2.2 checks the exact flips: the lesson's next cell compares with minidit's token_drop, same seed."""
+    labels = torch.arange(10).repeat(3)
+    torch.manual_seed(3)
+    mine = label_dropout_flips("above")(labels, 10, 0.1, True)
+    torch.manual_seed(3)
+    assert not torch.equal(mine, label_dropout_reference(labels, 10, 0.1, True))
+    torch.manual_seed(3)
+    mine = label_dropout(labels, 10, 0.1, True)
+    torch.manual_seed(3)
+    assert torch.equal(mine, label_dropout_reference(labels, 10, 0.1, True))
 
 
 @pytest.mark.parametrize("name", LABEL_MISTAKES)
@@ -192,6 +282,8 @@ MODULATE_MISTAKES = {
     "sign of the scale": (lambda x, shift, scale: x * (1 - scale.unsqueeze(1)) + shift.unsqueeze(1),
                           "sign error: x · (1 - scale)"),
     "in place": (modulate_in_place, "changed its inputs in place"),
+    "numpy array": (lambda x, shift, scale: modulate(x, shift, scale).numpy(), "should be a torch.Tensor"),
+    "float64 result": (lambda x, shift, scale: modulate(x, shift, scale).double(), "expected torch.float32"),
 }  # fmt: skip
 
 
@@ -288,6 +380,12 @@ class OnlyShiftScale(AdaLNZero):  # plain adaLN: 2D outputs (crashes in chunk(3)
     out_mult = 2
 
 
+class ChunkWithoutDim(AdaLNZero):
+    def forward(self, x, c):
+        shift, scale, gate = self.adaLN_modulation(c).chunk(3)  # splits the batch axis
+        return x + gate.unsqueeze(1) * self.fn(modulate(self.norm(x), shift, scale))
+
+
 class ZeroWeightOnly(AdaLNZero):
     def __init__(self, hidden_size, fn):
         super().__init__(hidden_size, fn)
@@ -313,6 +411,7 @@ ADALN_MISTAKES = {
     "LayerNorm with parameters": (AffineNorm, "DiT's LayerNorms hold no parameters"),
     "no SiLU": (NoSiLU, "goes through SiLU"),
     "plain adaLN (2D outputs)": (OnlyShiftScale, "adaLN-Zero adds a gate"),
+    "chunk(3) without dim": (ChunkWithoutDim, "chunk(3) and no dim"),
 }
 
 
@@ -370,3 +469,21 @@ def test_checks_are_fast():
             check(fn)
             times.append(time.perf_counter() - start)
         assert min(times) < 1.0, (check.__name__, times)
+
+
+def _as_list(mistakes):
+    return [(name, fn, (hint,)) for name, (fn, hint) in mistakes.items()]
+
+
+MUTANTS = {  # exercise -> [(mistake, function, hint keywords)], for the course's mutant table
+    "2.1 (timestep_embedding)": _as_list(TIMESTEP_MISTAKES),
+    "2.2 (label_dropout)": _as_list(LABEL_MISTAKES),
+    "2.3 (modulate)": _as_list(MODULATE_MISTAKES),
+    "2.4 (adaln_zero)": _as_list(ADALN_MISTAKES),
+}
+CHECKS = {
+    "2.1 (timestep_embedding)": lesson02.check_timestep_embedding,
+    "2.2 (label_dropout)": lesson02.check_label_dropout,
+    "2.3 (modulate)": lesson02.check_modulate,
+    "2.4 (adaln_zero)": lesson02.check_adaln_zero,
+}

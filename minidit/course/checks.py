@@ -73,7 +73,10 @@ def expect_close(
     err = (got64 - exp64).abs().max().item()
     rel = err / max(exp64.abs().max().item(), 1e-12)
     hint = diagnose(got) if diagnose is not None else None
-    message = f"{what} differ from the reference: max abs error {err:.3g} (relative {rel:.2g}; should be < {rtol:g})."
+    message = (
+        f"{what} differ from the reference: max abs error {err:.3g} (relative {rel:.2g}); the check allows "
+        f"|error| <= atol + rtol·|expected| with atol={atol:g}, rtol={rtol:g}."
+    )
     fail(exercise, message + (f" {hint}" if hint else ""))
 
 
@@ -86,3 +89,39 @@ def matches(got: torch.Tensor, candidate: torch.Tensor, atol: float = 1e-5) -> b
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def expect_dtype(exercise: str, got: torch.Tensor, dtype: torch.dtype, hint: str = "") -> None:
+    """The dtype the rest of the lesson relies on (a float32 result where float64 was asked breaks later cells)."""
+    if got.dtype != dtype:
+        fail(exercise, f"got dtype {got.dtype}, expected {dtype}." + (f" {hint}" if hint else ""))
+
+
+class ChunkCalls(torch.overrides.TorchFunctionMode):
+    """Records ``(chunks, dim)`` of every ``Tensor.chunk`` / ``torch.chunk`` call made inside the ``with`` block,
+    so that a check can name "chunk without dim" (which splits the batch axis) even when it only crashes later."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.chunk, torch.chunk):
+            chunks = args[1] if len(args) > 1 else kwargs.get("chunks")
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            self.calls.append((chunks, dim))
+        return func(*args, **kwargs)
+
+
+def call_watching_chunks(exercise: str, fn: Callable[..., Any], *args, chunks: int, hint: str) -> Any:
+    """``call``, and if the learner's code crashes after splitting a [B, k·D] tensor into ``chunks`` along the
+    batch axis (``.chunk(chunks)`` without ``dim``), add ``hint`` to the failure."""
+    recorder = ChunkCalls()
+    try:
+        with recorder:
+            return call(exercise, fn, *args)
+    except ExerciseFailed as err:
+        if "not implemented yet" not in str(err) and any(n == chunks and d in (0, -2) for n, d in recorder.calls):
+            raise ExerciseFailed(f"{err} {hint}") from None
+        raise

@@ -106,7 +106,7 @@ def _patchify_hint(mistakes: tuple) -> str:
     if "column_major" in mistakes and ("q", "p", "c") in mistakes and len(mistakes) == 2:
         return (
             "You patchified the TRANSPOSED image: rows and columns are swapped everywhere (token order and "
-            "inside each patch). Keep H before W: x.reshape(B, C, H//p, p, W//p, p)."
+            "inside each patch). Keep H before W when you split: [B, C, h, p, w, p], rows before columns."
         )
     hints = []
     for m in mistakes:
@@ -117,8 +117,9 @@ def _patchify_hint(mistakes: tuple) -> str:
             )
         elif m == "interleaved":
             hints.append(
-                "Each of your 'patches' gathers pixels H/p apart instead of a contiguous p x p block: split H "
-                "into (H/p, p), i.e. reshape(B, C, H//p, p, W//p, p) or (h p) in einops, not (p, H/p) / (p h)."
+                "Each of your 'patches' gathers pixels H/p apart instead of a contiguous p x p block: image row "
+                "= i*p + a, so the grid index i is the SLOW factor when you split H: (h p) in einops terms, "
+                "[h, p] as shapes, not (p h)."
             )
         else:
             text = _patch_order_hint(m)
@@ -166,7 +167,21 @@ def _check_patchify(label: str, fn) -> None:
             checks.expect_close(label, got, ref_patchify(x, p), atol=1e-6, rtol=1e-6, diagnose=diagnose, what="tokens")
         except ExerciseFailed as err:
             raise _with_input(err, what, earlier_passed=k > 0, non_square=H != W) from None
+    _expect_same_dtype(label, fn, torch.randn(1, 2, 4, 6, generator=checks.seeded(99), dtype=torch.float64), 2)
     checks.passed(label)
+
+
+def _expect_same_dtype(label: str, fn, x: torch.Tensor, *args) -> None:
+    """Patchify and unpatchify only move values: a float64 input must come back float64 (the lesson compares
+    float64 embeddings after Exercise 1.4, and a DiT may run in float64, bf16 or fp16)."""
+    got = checks.expect_tensor(label, checks.call(label, fn, x.clone(), *args))
+    checks.expect_dtype(
+        label,
+        got,
+        x.dtype,
+        f"Your function changed the dtype of a {x.dtype} input: it only moves values, so keep the input's dtype "
+        "(no .float(), no torch.zeros/torch.empty without dtype=).",
+    )
 
 
 def check_patchify(fn) -> None:
@@ -281,6 +296,7 @@ def check_unpatchify(fn) -> None:
             )
         except ExerciseFailed as err:
             raise _with_input(err, what, earlier_passed=False, non_square=False) from None
+    _expect_same_dtype(label, fn, torch.randn(1, 4, 12, generator=checks.seeded(98), dtype=torch.float64), 2, 3)
     checks.passed(label)
 
 
@@ -288,15 +304,19 @@ def check_unpatchify(fn) -> None:
 # Exercise 1.4 (patch_embed_as_linear)
 # --------------------------------------------------------------------------
 
-_EMBED_CASES = [(4, 12, 2), (3, 8, 4), (2, 6, 3)]  # (C, D, p), D != p*p*C
+_EMBED_CASES = [  # (C, D, p, dtype), D != p*p*C; float64 as in the lesson's own comparison after the check
+    (4, 12, 2, torch.float32),
+    (3, 8, 4, torch.float32),
+    (2, 6, 3, torch.float64),
+]
 
 
-def _seeded_conv(C: int, D: int, p: int, seed: int) -> nn.Conv2d:
-    conv = nn.Conv2d(C, D, kernel_size=p, stride=p, bias=True)
+def _seeded_conv(C: int, D: int, p: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Conv2d:
+    conv = nn.Conv2d(C, D, kernel_size=p, stride=p, bias=True, dtype=dtype)
     g = checks.seeded(seed)
     with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        conv.bias.copy_(torch.randn(conv.bias.shape, generator=g))
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=dtype))
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=g, dtype=dtype))
     return conv
 
 
@@ -314,13 +334,13 @@ def _weight_hint(got: torch.Tensor, weight: torch.Tensor) -> str | None:
             if order == ("c", "p", "q"):
                 return (
                     "You flattened the Conv2d weight [D, C, p, p] in its own order (channel, patch row, patch "
-                    "column): channels first. patchify's tokens are (p, q, c), channels last: permute the weight "
-                    "to [D, p, p, C] first, i.e. weight.permute(0, 2, 3, 1).reshape(D, -1)."
+                    "column): channels first. patchify's tokens are (p, q, c), channels last: the weight's "
+                    "channel axis has to move behind the two patch axes before you flatten."
                 )
             if order == ("q", "p", "c"):
                 return (
-                    "The patch row and column are swapped (each patch transposed): permute(0, 2, 3, 1), "
-                    "not permute(0, 3, 2, 1)."
+                    "The patch row and column are swapped (each patch transposed): in a token the patch ROW varies "
+                    "slowest, then the column, then the channel: [D, row, column, channel] before flattening."
                 )
             return "Your weight is flattened as " + _patch_order_hint(order).split("as ", 1)[1]
     return None
@@ -330,10 +350,10 @@ def check_patch_embed_as_linear(fn) -> None:
     """Exercise 1.4: ``fn(conv)`` -> an ``nn.Linear(p*p*C, D)`` with ``linear(patchify(x, p))`` equal to the
     Conv2d patch embedding ``conv(x).flatten(2).transpose(1, 2)``."""
     label = "1.4 (patch_embed_as_linear)"
-    for k, (C, D, p) in enumerate(_EMBED_CASES):
-        conv = _seeded_conv(C, D, p, 300 + k)
+    for k, (C, D, p, dtype) in enumerate(_EMBED_CASES):
+        conv = _seeded_conv(C, D, p, 300 + k, dtype)
         before = [t.detach().clone() for t in (conv.weight, conv.bias)]
-        what = f"nn.Conv2d({C}, {D}, kernel_size={p}, stride={p})"
+        what = f"nn.Conv2d({C}, {D}, kernel_size={p}, stride={p}, dtype={dtype})"
         try:
             lin = checks.call(label, fn, conv)
             if isinstance(lin, torch.Tensor):
@@ -346,6 +366,16 @@ def check_patch_embed_as_linear(fn) -> None:
                 checks.fail(label, f"return an nn.Linear, got {type(lin).__name__}.")
             if not all(torch.equal(a, b) for a, b in zip(before, (conv.weight, conv.bias))):
                 checks.fail(label, "you modified the Conv2d's weight or bias in place: leave the conv as it is.")
+            if lin.weight.dtype != dtype or (lin.bias is not None and lin.bias.dtype != dtype):
+                checks.fail(
+                    label,
+                    f"the conv is {dtype} but your Linear is {lin.weight.dtype}: nn.Linear is created in float32 "
+                    "unless you ask otherwise, and copy_ converts silently. Create it with the conv's dtype and "
+                    "device, so that it runs on the same inputs as the conv (the comparison after this check is "
+                    "in float64).",
+                )
+            if lin.weight.device != conv.weight.device:
+                checks.fail(label, f"your Linear is on {lin.weight.device}, the conv on {conv.weight.device}.")
             weight = conv.weight.detach()
             checks.expect_shape(
                 label,
@@ -383,10 +413,10 @@ def check_patch_embed_as_linear(fn) -> None:
             checks.expect_close(
                 label, lin.bias, conv.bias.detach(), atol=1e-6, rtol=1e-6, diagnose=bias_hint, what="biases"
             )
-            x = torch.randn(2, C, 3 * p, 2 * p, generator=checks.seeded(400 + k))
+            x = torch.randn(2, C, 3 * p, 2 * p, generator=checks.seeded(400 + k), dtype=dtype)
             with torch.no_grad():
                 expected = conv(x).flatten(2).transpose(1, 2)
-                got = checks.call(label, lin, ref_patchify(x, p).to(lin.weight.dtype))
+                got = checks.call(label, lin, ref_patchify(x, p))
             checks.expect_close(label, got, expected, atol=1e-5, rtol=1e-5, what="embeddings")
         except ExerciseFailed as err:
             raise _with_input(err, what, earlier_passed=False, non_square=False) from None
@@ -411,7 +441,7 @@ def _table(
 ) -> torch.Tensor:
     """A 2D sin-cos table with knobs for the usual mistakes (all off: the reference's table)."""
     quarter = D // 4
-    denom = {"D/4": quarter, "D/2": D / 2, "D": D}[denominator]
+    denom = {"D/4": quarter, "D/4-1": quarter - 1, "D/2": D / 2, "D": D}[denominator]
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / denom)
     rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
     halves = []
@@ -428,6 +458,9 @@ _POS_HINTS = {
     "the ROW index (y). (Equivalently: your tokens run column by column instead of row by row.)",
     "cos_first": "Each half must be concat(sin, cos): sines first. (The timestep embedding of lesson 02 is the "
     "one that puts cos first.)",
+    "denominator=D/4-1": "Your exponent divides by D/4 - 1 (the convention of DDPM and of diffusers' timestep "
+    "embedding): omega_k = 1 / 10000^(k / (D/4)), k = 0 .. D/4-1, divides by D/4, the number of frequencies per 1D "
+    "half, so the slowest frequency is 10000^(-(D/4-1)/(D/4)), not exactly 1/10000.",
     "denominator=D/2": "Your frequencies fall too slowly: omega_i = 1 / 10000^(i / (D/4)) with i = 0 .. D/4-1; "
     "the exponent divides by D/4 (the number of frequencies per 1D half), not by D/2.",
     "denominator=D": "Your frequencies fall too slowly: omega_i = 1 / 10000^(i / (D/4)); the exponent divides "
@@ -441,7 +474,7 @@ _POS_HINTS = {
 def _pos_variants(D: int, g: int) -> list[tuple[tuple, torch.Tensor]]:
     out = []
     for rows_first, cos_first, denominator, one_based, interleaved in itertools.product(
-        (False, True), (False, True), ("D/4", "D/2", "D"), (False, True), (False, True)
+        (False, True), (False, True), ("D/4", "D/4-1", "D/2", "D"), (False, True), (False, True)
     ):
         mistakes = tuple(
             m
@@ -467,7 +500,12 @@ def check_pos_embed(fn) -> None:
         try:
             got = checks.call(label, fn, D, g)
             if isinstance(got, np.ndarray):
-                got = torch.from_numpy(got)
+                checks.fail(
+                    label,
+                    f"you returned a numpy array ({got.dtype}): return a torch.Tensor. The cells after this check "
+                    "use it as one (.float(), .norm(dim=1), table @ table.T); torch.from_numpy converts without a "
+                    "copy.",
+                )
             got = checks.expect_tensor(label, got)
             T = g * g
             hints = {

@@ -98,6 +98,11 @@ def _timestep_variants(t: torch.Tensor, dim: int, max_period: float) -> list[tup
             _sincos(t, dim, 10000.0),
             f"you ignored the max_period argument ({max_period:g} in this case) and used 10000.",
         ),
+        (
+            _sincos(t, dim, 1000.0),
+            f"your frequencies use a period of 1000 (the number of diffusion steps?) instead of max_period = "
+            f"{max_period:g}: f_i = exp(-ln(max_period) · i / half), with the max_period argument.",
+        ),
     ]
 
 
@@ -114,7 +119,7 @@ def check_timestep_embedding(fn) -> None:
     ]
     for t, dim, max_period in cases:
         t_in = t.clone()
-        if max_period == 10000.0:
+        if max_period == 10000.0:  # the default: the learner's default must be 10000 too
             got = checks.call(ex, fn, t_in, dim)
         else:
             got = checks.call(ex, fn, t_in, dim, max_period=max_period)
@@ -192,6 +197,71 @@ def _null_hint(got: torch.Tensor, labels: torch.Tensor, num_classes: int) -> str
     return f"labels were replaced by {sorted(values)[:5]}: a dropped label must become K = num_classes = {num_classes}."
 
 
+def _flip_hint(got: torch.Tensor, many: torch.Tensor, K: int, p: float, seed: int) -> str:
+    """Name the way of flipping coins behind ``got`` (right rate or not), drawn after ``manual_seed(seed)``."""
+    B = len(many)
+    frac = (got == K).double().mean().item()
+    sd = math.sqrt(p * (1 - p) / B)
+    if abs(frac - p) > 6 * sd:
+        if abs(frac - (1 - p)) <= 6 * sd:
+            return (
+                f"your mask is inverted: you dropped {frac:.1%} of the labels with dropout_prob = {p}. A label is "
+                "dropped when its uniform number is BELOW dropout_prob."
+            )
+        if frac == 0.0:
+            return (
+                f"nothing was dropped with train=True and dropout_prob = {p}: flip one coin per label "
+                "(one uniform number each) and drop where it is below dropout_prob."
+            )
+        if frac == 1.0:
+            return f"every label was dropped with dropout_prob = {p}: drop only where the uniform number is below it."
+        return (
+            f"you dropped {frac:.1%} of {B} labels with dropout_prob = {p}: each label must be dropped "
+            "independently with probability dropout_prob."
+        )
+    variants = {
+        "above": lambda: torch.rand(B) > 1 - p,
+        "float64": lambda: torch.rand(B, dtype=torch.float64) < p,
+    }
+    dropped = got == K
+
+    def drawn(draw):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return draw()
+
+    name = next((n for n, draw in variants.items() if torch.equal(dropped, drawn(draw))), None)
+    how = {
+        "above": "you drop where the uniform number is ABOVE 1 - dropout_prob: the same rate, other labels. ",
+        "float64": "you drew float64 uniform numbers: they consume the random stream differently. ",
+    }.get(name, "")
+    return (
+        f"you dropped {frac:.1%} of the labels, the right rate, but not the reference's coin flips. {how}With the same "
+        "seed the reference draws ONE batch of uniform numbers, torch.rand(B) on the labels' device (float32, the "
+        "global generator), and drops where it is below dropout_prob. Any other draw drops other labels, so a run "
+        "is no longer reproducible against the reference (the cell after this check compares with token_drop)."
+    )
+
+
+def _call_counting_draws(fn, *args) -> tuple[torch.Tensor, bool]:
+    """The learner's labels, and whether the call moved the global random stream."""
+    state = torch.get_rng_state()
+    got = _call_labels(fn, *args)
+    return got, not torch.equal(torch.get_rng_state(), state)
+
+
+def _expect_no_draw(ex: str, drew: bool, case: str) -> None:
+    """Where no coin is flipped (evaluation, force_drop_ids, p = 0) the reference draws nothing: the global
+    random stream, and so every later random number of a training run, must stay where it was."""
+    if drew:
+        checks.fail(
+            ex,
+            f"{case}, no coin is flipped, but your function drew random numbers anyway. The reference draws only when "
+            "it flips coins (train=True, no force_drop_ids, dropout_prob > 0); an extra draw shifts every later "
+            "random number of a training run (noise, timesteps), so it no longer matches the reference's.",
+        )
+
+
 def check_label_dropout(fn) -> None:
     """Exercise 2.2: ``fn(labels, num_classes, dropout_prob, train, force_drop_ids=None)`` -> labels [B]."""
     ex = LABELS
@@ -204,16 +274,17 @@ def check_label_dropout(fn) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(22)
         # 1. Evaluation mode without force_drop_ids: nothing changes.
-        got = _call_labels(fn, labels, K, 0.5, False)
+        got, drew = _call_counting_draws(fn, labels, K, 0.5, False)
         if not torch.equal(got, labels):
             checks.fail(
                 ex,
                 "with train=False (and no force_drop_ids) labels must pass through unchanged: label "
                 "dropout happens in training only. (The CFG sampler asks for the null label explicitly.)",
             )
+        _expect_no_draw(ex, drew, "with train=False")
 
         # 2. force_drop_ids, in evaluation mode: exactly the marked labels become K.
-        got = _call_labels(fn, labels, K, 0.5, False, force)
+        got, drew = _call_counting_draws(fn, labels, K, 0.5, False, force)
         if not torch.equal(got, forced):
             hint = _null_hint(got, labels, K)
             if hint is None and torch.equal(got, labels):
@@ -233,9 +304,10 @@ def check_label_dropout(fn) -> None:
                 f"with force_drop_ids = {force.tolist()} expected {forced.tolist()}, got "
                 f"{got.tolist()}. {hint or ''}".rstrip(),
             )
+        _expect_no_draw(ex, drew, "with force_drop_ids (and train=False)")
 
         # 3. force_drop_ids in training mode replaces the coin flips.
-        got = _call_labels(fn, labels, K, 0.5, True, force)
+        got, drew = _call_counting_draws(fn, labels, K, 0.5, True, force)
         if not torch.equal(got, forced):
             hint = _null_hint(got, labels, K)
             if hint is None and torch.equal(got, torch.where(force == 0, torch.full_like(labels, K), labels)):
@@ -250,40 +322,27 @@ def check_label_dropout(fn) -> None:
                 f"train=True with force_drop_ids = {force.tolist()}: expected {forced.tolist()}, got "
                 f"{got.tolist()}. {hint}",
             )
+        _expect_no_draw(ex, drew, "with force_drop_ids (and train=True)")
 
-        # 4. Training mode: each label independently becomes the null label with probability p.
-        for p, K_big, B in [(0.1, 1000, 20000), (0.3, 7, 5000)]:
+        # 4. Training mode: each label becomes the null label with probability p, with the reference's coin
+        #    flips: after the same seed, the same labels are dropped (the lesson compares with token_drop).
+        for n, (p, K_big, B) in enumerate([(0.1, 1000, 20000), (0.3, 7, 5000), (0.5, 10, 12)]):
             many = torch.randint(0, K_big, (B,))
+            torch.manual_seed(220 + n)
             got = _call_labels(fn, many, K_big, p, True)
             hint = _null_hint(got, many, K_big)
             if hint:
                 checks.fail(ex, hint)
-            frac = (got == K_big).double().mean().item()
-            sd = math.sqrt(p * (1 - p) / B)
-            if abs(frac - p) > 6 * sd:
-                if abs(frac - (1 - p)) <= 6 * sd:
-                    hint = (
-                        f"your mask is inverted: you dropped {frac:.1%} of the labels with dropout_prob = {p}. "
-                        "Drop where torch.rand(B) < dropout_prob."
-                    )
-                elif frac == 0.0:
-                    hint = (
-                        f"nothing was dropped with train=True and dropout_prob = {p}: flip one coin per label, "
-                        "drop where torch.rand(B) < dropout_prob."
-                    )
-                elif frac == 1.0:
-                    hint = f"every label was dropped with dropout_prob = {p}: drop where torch.rand(B) < dropout_prob."
-                else:
-                    hint = (
-                        f"you dropped {frac:.1%} of {B} labels with dropout_prob = {p}: each label must be "
-                        f"dropped independently with probability p (torch.rand(B) < p)."
-                    )
-                checks.fail(ex, hint)
+            torch.manual_seed(220 + n)
+            expected = torch.where(torch.rand(B) < p, torch.full_like(many, K_big), many)
+            if not torch.equal(got, expected):
+                checks.fail(ex, _flip_hint(got, many, K_big, p, 220 + n))
 
         # 5. The extremes and a batch of one.
-        got = _call_labels(fn, labels, K, 0.0, True)
+        got, drew = _call_counting_draws(fn, labels, K, 0.0, True)
         if not torch.equal(got, labels):
-            checks.fail(ex, "with dropout_prob = 0 nothing may be dropped (use torch.rand(B) < p, not <=).")
+            checks.fail(ex, "with dropout_prob = 0 nothing may be dropped (drop where u < p, not u <= p).")
+        _expect_no_draw(ex, drew, "with dropout_prob = 0")
         got = _call_labels(fn, labels, K, 1.0, True)
         if not torch.equal(got, torch.full_like(labels, K)):
             checks.fail(ex, "with dropout_prob = 1 every label must become the null label K.")
@@ -353,6 +412,7 @@ def check_modulate(fn) -> None:
         except Exception as e:  # noqa: BLE001 - shown to the learner
             checks.fail(ex, f"your function raised {type(e).__name__}: {e}")
         got = checks.expect_tensor(ex, got)
+        checks.expect_dtype(ex, got, x.dtype, "modulate keeps the dtype of x: the blocks run it in the model's dtype.")
         if not all(torch.equal(a, b) for a, b in zip(args, (x, shift, scale))):
             checks.fail(ex, "your function changed its inputs in place: compute a new tensor (no mul_ / add_).")
         expected = _ref_modulate(x, shift, scale)
@@ -381,6 +441,10 @@ def check_modulate(fn) -> None:
 # --------------------------------------------------------------------------
 
 ADALN = "2.4 (adaln_zero)"
+_CHUNK_HINT = (
+    "You split the regressor's output with chunk(3) and no dim: chunk splits dim 0, the BATCH axis, by default. "
+    "The three vectors lie side by side along the feature axis of [B, 3D]: split that axis."
+)
 _ORDER = ("shift", "scale", "gate")
 
 
@@ -535,7 +599,9 @@ def check_adaln_zero(cls) -> None:
         # Identity at initialisation.
         x, c = torch.randn(2, 5, D, generator=g), torch.randn(2, D, generator=g)
         with torch.no_grad():
-            got = checks.expect_tensor(ex, checks.call(ex, m, x.clone(), c.clone()))
+            got = checks.expect_tensor(
+                ex, checks.call_watching_chunks(ex, m, x.clone(), c.clone(), chunks=3, hint=_CHUNK_HINT)
+            )
             checks.expect_shape(ex, got, tuple(x.shape))
             if not torch.allclose(got, x, atol=1e-6, rtol=0):
                 checks.fail(ex, "at initialisation the branch is not the identity: " + _identity_hint(got, x, f))
@@ -547,7 +613,8 @@ def check_adaln_zero(cls) -> None:
         for B, T, amp in [(2, 5, 1.0), (3, 1, 1.0), (2, 4, 0.003)]:  # tiny inputs make LayerNorm's eps visible
             x, c = amp * torch.randn(B, T, D, generator=g), torch.randn(B, D, generator=g)
             with torch.no_grad():
-                got = checks.expect_tensor(ex, checks.call(ex, m, x.clone(), c.clone()))
+                got = checks.call_watching_chunks(ex, m, x.clone(), c.clone(), chunks=3, hint=_CHUNK_HINT)
+                got = checks.expect_tensor(ex, got)
                 expected = _branch(x, c, linear, f)
 
             def diagnose(got, x=x, c=c, linear=linear, f=f):  # only runs on a mismatch
