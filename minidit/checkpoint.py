@@ -30,18 +30,24 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import CHOICES
 from .errors import UserError
-from .model import MODEL_SIZES_ALL, DiT, DiT_models
+from .model import ALL_MODELS, MODEL_SIZES_ALL, DiT, DiT_models
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit: the message says why, in one line."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something about a checkpoint had to be assumed (printed as one line by the command-line tools)."""
 
 
 # --------------------------------------------------------------------------
@@ -212,6 +218,13 @@ def from_diffusers(sd: dict[str, torch.Tensor], input_size: int | None = None) -
     diffusers) is recomputed for the grid, whose side is ``input_size / p`` (by
     default the largest that ``sample_size`` could be: read from the config).
     """
+    try:
+        return _from_diffusers(sd, input_size)
+    except KeyError as e:
+        raise CheckpointError(f"an incomplete diffusers state dict: {e} is missing (a partial file?)") from None
+
+
+def _from_diffusers(sd: dict[str, torch.Tensor], input_size: int | None) -> dict[str, torch.Tensor]:
     from .embed import get_2d_sincos_pos_embed
 
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
@@ -330,17 +343,36 @@ def export_diffusers(model: DiT, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _read_diffusers_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if (path / "transformer" / "config.json").is_file():
         path = path / "transformer"
-    config = json.loads((path / "config.json").read_text())
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: neither a minidit run directory (checkpoints/last.pt) nor a diffusers directory (config.json)"
+        )
+    config = _read_json(path / "config.json")
     single = path / "diffusion_pytorch_model.safetensors"
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if single.is_file():
         return read_file(single), config
     if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' in it")
         sd: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if shard in ("", ".", "..") or "/" in shard or "\\" in shard or os.path.isabs(shard):
+                raise CheckpointError(f"{index}: refused: shard name {shard!r} is not a file in that directory")
             sd.update(read_file(path / shard))
         return sd, config
     if (path / "diffusion_pytorch_model.bin").is_file():
@@ -354,10 +386,12 @@ def _read_diffusers_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def extract_state_dict(
-    obj: dict[str, Any], prefer_ema: bool = True, input_size: int | None = None
+    obj: dict[str, Any], prefer_ema: bool = True, input_size: int | None = None, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
     """The model weights inside any supported checkpoint object, in the reference layout."""
-    if prefer_ema and isinstance(obj.get("ema"), dict):
+    if prefer_ema and "ema" in obj:
+        if not isinstance(obj["ema"], dict):
+            raise CheckpointError(f"{source}: its 'ema' entry is a {type(obj['ema']).__name__}, not a state dict")
         obj = obj["ema"]
     elif isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -366,37 +400,109 @@ def extract_state_dict(
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(sd) != len(obj):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:3]
-        raise CheckpointError(f"not a state dict: entries {bad} are not tensors")
+        raise CheckpointError(f"{source}: not a state dict: entries {bad} are not tensors")
     sd = _strip_prefixes(sd)
     if is_diffusers_layout(sd):
-        sd = from_diffusers(sd, input_size=input_size)
+        try:
+            sd = from_diffusers(sd, input_size=input_size)
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
     return sd
+
+
+def read_checkpoint(
+    path_or_name: str | os.PathLike, prefer_ema: bool = True, input_size: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Reference-layout weights, and what the checkpoint records about its model.
+
+    ``path_or_name``: a minidit run directory (its ``checkpoints/last.pt``), a checkpoint file, a
+    diffusers directory, or a released name (``"DiT-XL-2-256x256.pt"``, downloaded on first use).
+    Returns ``(state dict, meta)``; ``meta["dit"]`` holds the ``DiT`` arguments the checkpoint records
+    beyond its shapes (``num_classes``, ``class_dropout_prob``, ``num_heads``, ``learn_sigma``: from a
+    minidit run's config, a diffusers config, the reference trainer's ``args``, or the released
+    weights' entry); ``meta["train_config"]``, ``meta["class_names"]`` and ``meta["run_dir"]`` are
+    set for minidit runs (None otherwise).
+    """
+    name = str(path_or_name)
+    path = Path(name)
+    meta: dict[str, Any] = {"dit": {}, "train_config": None, "class_names": None, "run_dir": None}
+    if name in PRETRAINED and not path.exists():
+        path = download(name)
+    if name in PRETRAINED:
+        heads = MODEL_SIZES_ALL[PRETRAINED[name].model[4:].split("/")[0]][2]
+        meta["dit"] = {"num_heads": heads, "num_classes": 1000, "class_dropout_prob": 0.1}
+    if path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
+        path = path / "checkpoints" / "last.pt"
+    if path.is_dir():
+        sd, config = _read_diffusers_dir(path)
+        known = {"num_classes": config.get("num_embeds_ada_norm"), "num_heads": config.get("num_attention_heads")}
+        meta["dit"] = {k: v for k, v in known.items() if isinstance(v, int)}
+        return extract_state_dict(sd, prefer_ema, input_size or config.get("sample_size"), name), meta
+    raw = read_file(path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    train_config = raw.get("config")
+    if not isinstance(train_config, dict) and run_dir is not None and (run_dir / "config.json").is_file():
+        train_config = _read_json(run_dir / "config.json").get("config")
+    if isinstance(train_config, dict):  # a minidit run: its config says what the shapes cannot
+        meta.update(dit=dit_arguments(train_config, str(path)), train_config=train_config, run_dir=run_dir)
+        names = raw.get("class_names")
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            meta["class_names"] = names
+            meta["dit"]["num_classes"] = len(names)
+    elif isinstance(raw.get("args"), argparse.Namespace):  # the reference trainer's checkpoints
+        args = raw["args"]
+        if isinstance(getattr(args, "num_classes", None), int):
+            meta["dit"]["num_classes"] = args.num_classes
+    return extract_state_dict(raw, prefer_ema, input_size, str(path)), meta
 
 
 def load_state_dict(
     path_or_name: str | os.PathLike, prefer_ema: bool = True, input_size: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Reference-layout weights from a file, a diffusers directory, or a released name
+    """Reference-layout weights from a file, a diffusers or run directory, or a released name
     (``"DiT-XL-2-256x256.pt"``, downloaded on first use). For a diffusers safetensors
     file without its config, pass ``input_size``."""
-    name = str(path_or_name)
-    if name in PRETRAINED and not Path(name).exists():
-        path_or_name = download(name)
-    path = Path(path_or_name)
-    if path.is_dir():
-        sd, config = _read_diffusers_dir(path)
-        return extract_state_dict(sd, prefer_ema, input_size=input_size or config.get("sample_size"))
-    return extract_state_dict(read_file(path), prefer_ema, input_size=input_size)
+    return read_checkpoint(path_or_name, prefer_ema, input_size)[0]
 
 
 find_model = load_state_dict  # the reference's name, for its users
 
 
-def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+def dit_arguments(train_config: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """The ``DiT`` arguments a minidit training config fixes beyond the weights' shapes (heads, label
+    dropout, learned variance, classes), after checking the fields that sampling relies on."""
+    model, p = train_config.get("model"), train_config.get("class_dropout_prob")
+    schedule, steps = train_config.get("noise_schedule"), train_config.get("diffusion_steps")
+    if model not in ALL_MODELS:
+        raise CheckpointError(f"{source}: its config names an unknown model {model!r}")
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+        raise CheckpointError(f"{source}: its config has class_dropout_prob {p!r}, not a number in [0, 1)")
+    if schedule not in CHOICES["noise_schedule"]:
+        raise CheckpointError(f"{source}: its config has noise_schedule {schedule!r}, not one of linear, cosine")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise CheckpointError(f"{source}: its config has diffusion_steps {steps!r}, not a positive integer")
+    out = {"num_heads": MODEL_SIZES_ALL[model[4:].split("/")[0]][2], "class_dropout_prob": float(p)}
+    out["learn_sigma"] = bool(train_config.get("learn_sigma", True))
+    if isinstance(train_config.get("num_classes"), int):
+        out["num_classes"] = train_config["num_classes"]
+    return out
+
+
+def infer_config(
+    sd: dict[str, torch.Tensor],
+    num_classes: int | None = None,
+    class_dropout_prob: float | None = None,
+    source: str = "state dict",
+) -> dict[str, Any]:
     """Rebuild ``DiT(**config)`` arguments from a reference-layout state dict's shapes.
 
     The head count is not in the shapes: it is taken from the paper's model sizes
     (``MODEL_SIZES``) by (depth, hidden size), and is missing from the result otherwise.
+    Nor is the null class: the label table has ``num_classes + 1`` rows when the model was
+    trained with label dropout (``class_dropout_prob > 0``; the last row is the null label that
+    classifier-free guidance needs) and ``num_classes`` rows without. Pass what the checkpoint
+    records (``num_classes`` or ``class_dropout_prob``); with neither, a null row and the
+    reference's 0.1 are assumed, and a one-line ``CheckpointWarning`` says so.
     """
     try:
         D, C, p, _ = sd["x_embedder.proj.weight"].shape
@@ -406,10 +512,28 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         out_dim = sd["final_layer.linear.weight"].shape[0]
         hidden_mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"not a DiT state dict (missing {e})") from None
+        raise CheckpointError(f"{source}: not a DiT state dict (missing {e})") from None
+    if class_dropout_prob is not None:
+        null = int(class_dropout_prob > 0)
+    elif num_classes is not None:
+        null = rows - num_classes
+        class_dropout_prob = 0.1 if null else 0.0
+    else:
+        null, class_dropout_prob = 1, 0.1
+        warnings.warn(
+            f"{source}: no config stored with it: assuming {rows - 1} classes plus a null class "
+            "(class_dropout_prob 0.1, as the reference)",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+    if null not in (0, 1) or (num_classes is not None and rows - null != num_classes):
+        raise CheckpointError(
+            f"{source}: its label table has {rows} rows, which does not fit {num_classes} classes with "
+            f"class_dropout_prob {class_dropout_prob}"
+        )
     config: dict[str, Any] = dict(
         input_size=int(round(T**0.5)) * p, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
-        mlp_ratio=hidden_mlp / D, num_classes=rows - 1, class_dropout_prob=0.1,
+        mlp_ratio=hidden_mlp / D, num_classes=rows - null, class_dropout_prob=class_dropout_prob,
         learn_sigma=out_dim == p * p * 2 * C,
     )  # fmt: skip
     for d, h, heads in MODEL_SIZES_ALL.values():
@@ -446,6 +570,14 @@ def describe_mismatch(model: torch.nn.Module, sd: dict[str, torch.Tensor], limit
     return "; ".join(parts)
 
 
+def check_finite(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Refuse weights that hold NaN or inf (a diverged run or a damaged file): they can only give blank samples."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source}: its weights hold NaN/inf ({bad[0]}{more}): a diverged run or a damaged file")
+
+
 def load_checkpoint(model: DiT, path_or_name: str | os.PathLike, prefer_ema: bool = True) -> DiT:
     """Load weights into ``model`` strictly; a checkpoint of another architecture raises
     ``CheckpointError`` naming the mismatching keys and shapes."""
@@ -458,22 +590,28 @@ def load_checkpoint(model: DiT, path_or_name: str | os.PathLike, prefer_ema: boo
 
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict", **overrides) -> DiT:
-    """Build the DiT that a reference-layout state dict describes and load it strictly (eval mode)."""
-    config = {**infer_config(sd), **overrides}
+    """Build the DiT that a reference-layout state dict describes and load it strictly (eval mode).
+
+    ``overrides`` are ``DiT`` arguments; ``num_classes`` / ``class_dropout_prob`` also say how to read
+    the label table (see ``infer_config``). Weights holding NaN/inf are refused."""
+    known = {k: overrides.get(k) for k in ("num_classes", "class_dropout_prob")}
+    config = {**infer_config(sd, **known, source=source), **overrides}
     if "num_heads" not in config:
         raise CheckpointError(f"{source}: cannot tell the number of heads; pass num_heads=")
     model = DiT(**config)
     problem = describe_mismatch(model, sd)
     if problem:
         raise CheckpointError(f"{source}: does not fit the inferred model: {problem}")
+    check_finite(sd, source)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
 
 def model_from_checkpoint(path_or_name: str | os.PathLike, prefer_ema: bool = True, **overrides) -> DiT:
-    """Build the DiT a checkpoint describes and load it (eval mode)."""
-    sd = load_state_dict(path_or_name, prefer_ema=prefer_ema, input_size=overrides.get("input_size"))
-    return model_from_state_dict(sd, str(path_or_name), **overrides)
+    """Build the DiT a checkpoint describes and load it (eval mode): from the run's own config for
+    minidit checkpoints and run directories, from the shapes (and whatever else is stored) otherwise."""
+    sd, meta = read_checkpoint(path_or_name, prefer_ema=prefer_ema, input_size=overrides.get("input_size"))
+    return model_from_state_dict(sd, str(path_or_name), **{**meta["dit"], **overrides})
 
 
 # --------------------------------------------------------------------------

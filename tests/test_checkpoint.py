@@ -14,6 +14,7 @@ import http.server
 import json
 import pickle
 import random
+import re
 import shutil
 import threading
 import zipfile
@@ -119,13 +120,15 @@ def test_reference_torch_save_file_and_zoo_inference(tmp_path):
     path = tmp_path / "DiT-S-2.pt"
     torch.save(model.state_dict(), path)
 
-    config = ck.infer_config(ck.load_state_dict(path))
+    with pytest.warns(ck.CheckpointWarning, match="assuming 10 classes plus a null class"):
+        config = ck.infer_config(ck.load_state_dict(path))
     assert config == dict(
         input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=12, mlp_ratio=4.0,
         num_classes=10, class_dropout_prob=0.1, learn_sigma=True, num_heads=6,
     )  # fmt: skip
     assert ck.model_name(config) == "DiT-S/2"
-    rebuilt = ck.model_from_checkpoint(path)
+    with pytest.warns(ck.CheckpointWarning):
+        rebuilt = ck.model_from_checkpoint(path)
     assert rebuilt.num_heads == 6
     assert torch.equal(run(rebuilt), out)
 
@@ -143,13 +146,13 @@ def test_training_checkpoint_prefers_ema(tmp_path):
     assert (out_model - out_ema).abs().max() > 1e-2
 
     # The reference train.py saves exactly this, args being its argparse.Namespace.
-    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, global_seed=0, vae="ema")
+    args = argparse.Namespace(model="DiT-S/2", image_size=64, num_classes=10, global_seed=0, vae="ema")
     checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}
     path = tmp_path / "0400000.pt"
     torch.save(checkpoint, path)
 
     raw = ck.read_file(path)
-    assert raw["args"].image_size == 256
+    assert raw["args"].image_size == 64
     assert raw["opt"]["param_groups"][0]["lr"] == 1e-4
     assert_same_state(ck.load_state_dict(path), ema.state_dict())
     assert_same_state(ck.load_state_dict(path, prefer_ema=False), model.state_dict())
@@ -807,3 +810,120 @@ def test_save_checkpoint_failure_keeps_previous_checkpoint(tmp_path, trained):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert torch.equal(run(ck.load_checkpoint(small_dit(), path)), out)
+
+
+# --------------------------------------------------------------------------
+# A run's own checkpoint: its config, not guesses from shapes
+# --------------------------------------------------------------------------
+
+
+def minidit_run(tmp_path: Path, dit: DiT, **config) -> Path:
+    """A minidit run directory as the trainer leaves it: config.json and checkpoints/last.pt (EMA = model)."""
+    config = {"model": "DiT-Ti/2", "class_dropout_prob": 0.1, "learn_sigma": True, "noise_schedule": "linear",
+              "diffusion_steps": 1000, "num_classes": None, **config}  # fmt: skip
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": config, "preset": "toy"}))
+    state = {"version": 1, "model": dit.state_dict(), "ema": dit.state_dict(), "step": 3, "config": config}
+    ck.save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+    return run_dir
+
+
+TI2 = dict(input_size=8, patch_size=2, hidden_size=128, depth=6, num_heads=4, num_classes=10)  # DiT-Ti/2 on 8x8x4
+
+
+@pytest.mark.parametrize("where", ["run dir", "checkpoint", "weights only, config.json"])
+def test_a_run_without_label_dropout_reloads_with_all_its_classes(tmp_path, where, recwarn):
+    """class_dropout_prob 0: no null row, so 10 rows are 10 classes (inferring from shapes said 9)."""
+    model = perturb(DiT(**TI2, class_dropout_prob=0.0), seed=2)
+    run_dir = minidit_run(tmp_path, model, class_dropout_prob=0.0)
+    path = {"run dir": run_dir, "checkpoint": run_dir / "checkpoints" / "last.pt"}.get(where)
+    if path is None:  # a checkpoint of bare weights in the run: the run's config.json decides
+        path = run_dir / "checkpoints" / "ema.pt"
+        ck.save_checkpoint(model.state_dict(), path)
+    rebuilt = ck.model_from_checkpoint(path)
+    assert (rebuilt.num_classes, rebuilt.y_embedder.dropout_prob, rebuilt.num_heads) == (10, 0.0, 4)
+    x, t, _ = inputs()
+    y = torch.tensor([0, 3, 9])  # no null label here
+    assert torch.equal(rebuilt(x, t, y), model(x, t, y))
+    assert not [w for w in recwarn if issubclass(w.category, ck.CheckpointWarning)]
+    sd, meta = ck.read_checkpoint(path)
+    assert meta["run_dir"] == run_dir and meta["train_config"]["class_dropout_prob"] == 0.0
+
+
+def test_foreign_state_dict_says_what_was_assumed(tmp_path):
+    model = perturb(small_dit(), seed=0)
+    ck.save_checkpoint(model.state_dict(), tmp_path / "w.pt")
+    with pytest.warns(ck.CheckpointWarning) as record:
+        rebuilt = ck.model_from_checkpoint(tmp_path / "w.pt", num_heads=4)
+    assert len(record) == 1 and "assuming 10 classes plus a null class (class_dropout_prob 0.1" in str(
+        record[0].message
+    )
+    assert rebuilt.num_classes == 10
+    # told the number of classes (e.g. by the reference trainer's args), nothing is assumed
+    assert ck.infer_config(model.state_dict(), num_classes=11)["class_dropout_prob"] == 0.0
+    with pytest.raises(CheckpointError, match="label table has 11 rows"):
+        ck.infer_config(model.state_dict(), num_classes=5)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("noise_schedule", "quadratic", "noise_schedule 'quadratic', not one of linear, cosine"),
+        ("diffusion_steps", 0, "diffusion_steps 0, not a positive integer"),
+        ("diffusion_steps", "1000", "diffusion_steps '1000'"),
+        ("class_dropout_prob", 1.5, "class_dropout_prob 1.5"),
+        ("model", "DiT-Q/2", "unknown model 'DiT-Q/2'"),
+    ],
+)
+def test_bad_run_config_is_one_line(tmp_path, field, value, message):
+    run_dir = minidit_run(tmp_path, perturb(DiT(**TI2), seed=2), **{field: value})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ck.model_from_checkpoint(run_dir)
+
+
+def test_ema_entry_that_is_not_a_state_dict_is_refused(tmp_path):
+    model = perturb(small_dit(), seed=0)
+    torch.save({"model": model.state_dict(), "ema": [1, 2]}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="'ema' entry is a list, not a state dict"):
+        ck.load_state_dict(tmp_path / "c.pt")
+    assert_same_state(ck.load_state_dict(tmp_path / "c.pt", prefer_ema=False), model.state_dict())
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = perturb(small_dit(), seed=0)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
+    ck.save_checkpoint(model.state_dict(), tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=r"NaN/inf \(blocks\.1\.mlp\.fc2\.weight\)"):
+        ck.model_from_checkpoint(tmp_path / "nan.pt", num_heads=4, num_classes=10)
+
+
+def test_empty_dir_and_partial_diffusers_files_are_one_line(tmp_path, exported):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a minidit run directory .* nor a diffusers directory"):
+        ck.model_from_checkpoint(tmp_path / "empty")
+    _, _, out_dir = exported
+    partial = ck.read_file(out_dir / "diffusion_pytorch_model.safetensors")
+    del partial["proj_out_2.weight"]
+    ck.save_checkpoint(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match="incomplete diffusers state dict: 'proj_out_2.weight' is missing"):
+        ck.load_state_dict(tmp_path / "partial.safetensors", input_size=8)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        ck.load_state_dict(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", "a\\b"])
+def test_sharded_diffusers_index_names_stay_in_their_directory(tmp_path, exported, shard):
+    _, _, out_dir = exported
+    d = tmp_path / "sharded" / "dit"
+    d.mkdir(parents=True)
+    (d / "config.json").write_bytes((out_dir / "config.json").read_bytes())
+    keys = ck.read_file(out_dir / "diffusion_pytorch_model.safetensors")
+    shutil.copy(out_dir / "diffusion_pytorch_model.safetensors", tmp_path / "sharded" / "outside.safetensors")
+    index = {"weight_map": {k: shard for k in keys}}
+    (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="refused: shard name .* is not a file in that directory"):
+        ck.load_state_dict(d)
