@@ -1,6 +1,6 @@
 """Benchmark the DiT training step and sampler against the reference recipe: ``python -m minidit.bench``.
 
-    python -m minidit.bench --quick                # CPU smoke run (< 1 min): reference rows vs minidit's row
+    python -m minidit.bench --quick                # CPU smoke run (< 1 min): reference row vs minidit's row
     python -m minidit.bench                        # CUDA: DiT-XL/2 at 256 px, reference vs bf16+sdpa+compile
     python -m minidit.bench --configs ref,fp32,bf16,bf16+compile,ref-2023 --json out.json
 
@@ -36,11 +36,11 @@ fused AdamW on CUDA and CPU; ``minidit.train.update_ema``: one ``torch._foreach_
     ema=loop|foreach           override the EMA update
     minidit                    this device's defaults: CUDA bf16+sdpa+compile, CPU fp32+sdpa
 
-Without ``--configs`` the rows are ``ref``, ``ref-2023`` and one minidit row from
-``--precision``, ``--attn``, ``--compile`` and ``--grad-checkpointing``. The first non-reference
-row is the headline row: sampling and ``--profile-below`` use it. Rows a device cannot run
-(bf16/fp16 or flash on a CPU, compile on a CPU under ``--quick``, flash without the package) are
-skipped with a note.
+Without ``--configs`` the rows are ``ref`` and one minidit row from ``--precision``,
+``--attn``, ``--compile`` and ``--grad-checkpointing`` (``--configs`` adds ``ref-2023``). The
+first non-reference row is the headline row: sampling and ``--profile-below`` use it. Rows a
+device cannot run (bf16/fp16 or flash on a CPU, compile on a CPU under ``--quick``, flash
+without the package) are skipped with a note.
 
 **Timing**: ``--warmup`` steps first (not timed: compilation, allocator, lazy optimizer state),
 then ``--repeats`` timings of ``--iters`` back-to-back steps each, with CUDA events on a GPU
@@ -1134,7 +1134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_batch_size(model: str, device: torch.device) -> int:
-    """The CUDA default: 64 per GPU, 32 for the L/XL models on GPUs under 100 GiB (the ref-2023 row
+    """The CUDA default: 64 per GPU, 32 for the L/XL models on GPUs under 100 GiB (a ref-2023 row
     is fp32 with math attention: its [B, H, T, T] attention maps are kept for the backward)."""
     if device.type != "cuda":
         return 16
@@ -1220,7 +1220,7 @@ def resolve(args: argparse.Namespace) -> tuple[Spec, list[RowConfig]]:
             optimizer=optimizer_kind(device),
             ema="foreach",
         )
-        rows = [reference_row(device), reference_row(device, "ref-2023"), row]
+        rows = [reference_row(device), row]
     if spec.warmup < 1 and any(r.compile for r in rows):
         raise UserError("compiled rows need --warmup >= 1 (the first step compiles)")
     return spec, rows

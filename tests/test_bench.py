@@ -373,9 +373,8 @@ def test_quick_defaults_are_small():
     spec, rows = bench.resolve(bench.build_parser().parse_args(["--quick", "--device", "cpu"]))
     assert (spec.model, spec.input_size, spec.batch_size) == ("DiT-Ti/4", 16, 8)
     assert spec.quick and spec.interleave and (spec.ddpm_steps, spec.ddim_steps) == (10, 5)
-    assert [r.name for r in rows] == ["ref", "ref-2023", "minidit"]  # the baseline, the 2023 extra, minidit
-    assert [r.attn for r in rows] == ["sdpa", "math", "sdpa"]
-    assert (rows[2].precision, rows[2].compile, rows[2].reference) == ("fp32", False, False)
+    assert [r.name for r in rows] == ["ref", "minidit"] and rows[0] == bench.reference_row(CPU)
+    assert (rows[1].precision, rows[1].attn, rows[1].compile, rows[1].reference) == ("fp32", "sdpa", False, False)
 
 
 @pytest.mark.slow
@@ -384,11 +383,12 @@ def test_quick_cli_runs(tmp_path):
     out = tmp_path / "q.json"
     proc = subprocess.run(
         [sys.executable, "-m", "minidit.bench", "--quick", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=600,  # a hang guard: a busy shared machine takes minutes
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "ref (reference)" in proc.stdout and "wall time" in proc.stdout
-    assert json.loads(out.read_text())["wall_s"] > 0  # the <= 60 s target is a benchmark figure, not a test
+    data = json.loads(out.read_text())
+    assert data["wall_s"] > 0 and isinstance(data["noise"], list)  # the <= 60 s target is a benchmark figure
 
 
 def test_gpu_script_is_valid_bash():
