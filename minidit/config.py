@@ -31,6 +31,7 @@ class TrainConfig:
     image_size: int = 32  # pixels; latent models use image_size / 8
     num_classes: int | None = None  # None: from the dataset
     num_workers: int = 0  # DataLoader workers (real datasets)
+    latent_sampling: str = "fresh"  # latents: fresh (a posterior sample per image and step) | frozen (stored ones)
     # -- model -----------------------------------------------------------------------------
     model: str = "DiT-Ti/4"
     learn_sigma: bool = True
@@ -111,6 +112,12 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "noise_schedule": ("linear", "cosine"),
     "device": ("auto", "cpu", "cuda", "mps"),
+    "latent_sampling": ("fresh", "frozen"),
+}
+
+#: Fields added after runs were saved: the value a config.json without the field had in effect.
+ADDED_FIELDS = {
+    "latent_sampling": lambda saved: "frozen" if saved.get("data") == "latents" else "fresh",
 }
 
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: 256 px -> 32x32x4 latents
@@ -281,6 +288,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Fields whose change would make a resumed run a different run."""
     now = to_dict(cfg)
+    saved = {**{k: old(saved) for k, old in ADDED_FIELDS.items() if k not in saved}, **saved}
     keys = sorted((set(saved) | set(now)) - RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in keys if saved.get(k) != now.get(k)]
 

@@ -4,7 +4,8 @@ Every dataset here is map-style and deterministic (no random crops or flips insi
 the trainer samples, shuffles and flips itself). Items are ``(x, y)``:
 
 - ``x``: a float32 tensor, either pixels in [-1, 1] of shape ``[3, S, S]`` or a latent
-  ``[4, h, w]`` (``[2, 4, h, w]`` when the latent of the flipped image is stored too);
+  ``[4, h, w]`` (``[2, 4, h, w]`` when the latent of the flipped image is stored too;
+  ``[2, 2, 4, h, w]`` for posterior moments: see :class:`LatentShards` and :func:`latent_x0`);
 - ``y``: an int label.
 
 and each dataset has the attributes the trainer reads:
@@ -47,7 +48,10 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 #: The ``meta.json`` format written by ``minidit.extract_latents`` and read by :class:`LatentShards`.
 LATENTS_FORMAT = "minidit-latents"
-LATENTS_VERSION = 1
+#: Version 2 adds posterior moments (``posterior: "moments"``); frozen extractions are still written as
+#: version 1, the format of every extraction made before, so both are read.
+LATENTS_VERSION = 2
+LATENTS_VERSIONS = (1, 2)
 
 
 class UnreadableImageWarning(UserWarning):
@@ -494,21 +498,72 @@ def read_latents_meta(root: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path}: not readable JSON ({e}); rerun python -m minidit.extract_latents") from None
     if not isinstance(meta, dict) or meta.get("format") != LATENTS_FORMAT:
         raise DataError(f"{path}: not a minidit latents meta.json (format != {LATENTS_FORMAT!r})")
-    if meta.get("version") != LATENTS_VERSION:
+    if meta.get("version") not in LATENTS_VERSIONS:
         raise DataError(
-            f"{path}: latents format version {meta.get('version')}, this minidit reads {LATENTS_VERSION}; "
-            "extract them again"
+            f"{path}: latents format version {meta.get('version')}, this minidit reads versions "
+            f"{', '.join(map(str, LATENTS_VERSIONS))}; update minidit or extract them again"
         )
+    if meta.get("posterior", "sample") not in POSTERIORS:
+        raise DataError(f"{path}: unknown posterior {meta.get('posterior')!r} (not one of {', '.join(POSTERIORS)})")
     return meta
+
+
+#: What an extraction stores per image: posterior moments (the default: the trainer samples them every
+#: step), or one frozen latent: a posterior sample, or the posterior mean.
+POSTERIORS = ("moments", "sample", "mean")
+
+
+def shard_layout(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The latent tensors of every shard of an extraction and their per-image shapes (``labels [n]`` aside).
+
+    - ``posterior: "moments"``: ``moments [n, 2, 2, C, h, w]``: axis 1 the image and its mirror image,
+      axis 2 the posterior mean and std, *unscaled* (the trainer draws ``z = (mean + std * eps) * 0.18215``);
+    - ``"sample"`` / ``"mean"`` (frozen): ``latents [n, C, h, w]`` (already scaled by 0.18215) and, with
+      flips, ``latents_flip [n, C, h, w]`` (the latent of the mirror image).
+    """
+    shape = tuple(int(s) for s in meta["latent_shape"])
+    if meta.get("posterior") == "moments":
+        return {"moments": (2, 2, *shape)}
+    return {"latents": shape, "latents_flip": shape} if meta["flip"] else {"latents": shape}
+
+
+def latent_x0(x: torch.Tensor, flip: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """The latents ``x_0 [B, C, h, w]`` a step trains on, from a micro-batch of :class:`LatentShards` items.
+
+    ``x``: ``[B, C, h, w]`` frozen latents (returned as they are); ``[B, 2, C, h, w]`` frozen latents of
+    the image and its mirror image (``flip [B]`` bool picks the mirror); ``[B, 2, 2, C, h, w]`` posterior
+    moments of both: after the flip choice, a fresh posterior sample ``z = (mean + std * eps) * 0.18215``
+    with ``eps [B, C, h, w]`` standard normal. The trainer draws ``flip`` and ``eps`` per step and per
+    position in the global batch, so they do not depend on the number of processes or the micro-batches.
+    """
+    from .vae import sample_posterior
+
+    if x.ndim == 4:
+        return x
+    if x.ndim not in (5, 6) or x.shape[1] != 2:
+        raise ValueError(f"latents of shape {tuple(x.shape)}: expected [B, C, h, w], [B, 2, ...] or [B, 2, 2, ...]")
+    x = torch.where(flip.view(-1, *[1] * (x.ndim - 2)), x[:, 1], x[:, 0])
+    if x.ndim == 4:
+        return x
+    if eps is None or eps.shape != x[:, 0].shape:
+        raise ValueError(f"posterior moments need eps of shape {tuple(x[:, 0].shape)}")
+    return sample_posterior(x[:, 0], x[:, 1], eps)
 
 
 class LatentShards(Dataset):
     """VAE latents written by ``python -m minidit.extract_latents``: ``meta.json`` + ``shard_NNNNN.safetensors``.
 
-    Item ``i`` lives in shard ``i // shard_size`` at row ``i % shard_size``. Items are
-    ``(x, y)`` with ``x`` float32 ``[4, h, w]`` (already multiplied by the VAE scale
-    0.18215), or ``[2, 4, h, w]`` = (latent of the image, latent of its mirror image)
-    when the extraction stored flips (``flip_mode = "stored"``; otherwise ``"none"``).
+    Item ``i`` lives in shard ``i // shard_size`` at row ``i % shard_size``. Items are ``(x, y)``,
+    ``x`` float32, by what the extraction stored (``posterior`` in meta.json, :func:`shard_layout`):
+
+    - ``"moments"`` (``moments = True``): ``[2, 2, 4, h, w]``, the posterior mean and std (unscaled)
+      of the image and of its mirror image; the trainer draws a fresh sample and flip every step
+      (:func:`latent_x0`), as the reference, which encodes every image at every step;
+    - ``"sample"`` / ``"mean"`` (frozen): ``[4, h, w]`` (already multiplied by the VAE scale 0.18215),
+      or ``[2, 4, h, w]`` = (latent of the image, latent of its mirror image) when the extraction
+      stored flips.
+
+    ``flip_mode`` is ``"stored"`` when the mirror image is stored (always with moments), else ``"none"``.
 
     Shards are opened lazily with safetensors' ``safe_open`` (memory-mapped: a row read
     touches only its bytes) and the handles are cached per process, so each DataLoader
@@ -528,7 +583,9 @@ class LatentShards(Dataset):
             raise DataError(f"{root}: incomplete latents extraction; {finish}")
         self.num_images = int(meta["num_images"])
         self.shard_size = int(meta["shard_size"])
-        self.flip = bool(meta["flip"])
+        self.posterior = meta.get("posterior", "sample")
+        self.moments = self.posterior == "moments"
+        self.flip = self.moments or bool(meta["flip"])
         self.latent_shape = tuple(int(s) for s in meta["latent_shape"])
         self.class_names: list[str] = list(meta["class_names"])
         self.num_classes = len(self.class_names)
@@ -537,6 +594,7 @@ class LatentShards(Dataset):
         self.image_size = int(meta["image_size"])
         self.scale = float(meta["scale"])
         self.flip_mode = "stored" if self.flip else "none"
+        self._layout = shard_layout(meta)
         num_shards = math.ceil(self.num_images / self.shard_size)
         labels = []
         for s in range(num_shards):
@@ -546,22 +604,53 @@ class LatentShards(Dataset):
                 raise DataError(f"{root}: {shard_name(s)} is missing ({num_shards} shards expected); {finish}")
             try:
                 with safe_open(path, framework="pt") as f:
-                    shape = f.get_slice("latents").get_shape()
+                    keys = set(f.keys()) - {"labels"}
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
                     shard_labels = f.get_tensor("labels")
-                    has_flip = "latents_flip" in f.keys()
             except (SafetensorError, OSError, KeyError, ValueError) as e:
                 raise DataError(f"{path}: unreadable shard ({e}); delete it and {finish}") from None
-            if tuple(shape) != (expected, *self.latent_shape) or len(shard_labels) != expected or has_flip != self.flip:
-                raise DataError(
-                    f"{path}: holds {shape[0]} latents of shape {tuple(shape[1:])}, expected {expected} of "
-                    f"{self.latent_shape}{' with flips' if self.flip else ''}; delete it and {finish}"
-                )
+            want = {k: (expected, *shape) for k, shape in self._layout.items()}
+            if shapes != want or len(shard_labels) != expected:
+                found = ", ".join(f"{k} {list(v)}" for k, v in sorted(shapes.items())) or "no latents"
+                wanted = ", ".join(f"{k} {list(v)}" for k, v in sorted(want.items()))
+                raise DataError(f"{path}: holds {found}, expected {wanted}; delete it and {finish}")
             labels.append(shard_labels.long())
         self.targets = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
         if len(self.targets) != self.num_images:
             raise DataError(f"{root}: {len(self.targets)} latents, meta.json says {self.num_images}; {finish}")
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
+
+    def describe(self) -> str:
+        """One line: what the shards hold and what training on them does with posterior samples and flips."""
+        dtype = self.meta.get("dtype", "float16")
+        what = f"{self.root}: {self.num_images} latents {self.latent_shape[1]}x{self.latent_shape[2]}x"
+        what += f"{self.in_channels} from {self.image_size}px images, {dtype}"
+        if self.moments:
+            return (
+                f"{what}, posterior moments of each image and its mirror image: a fresh posterior sample and "
+                "a random flip per image and step (the reference recipe)"
+            )
+        frozen = f"frozen: one posterior {self.posterior} per image"
+        if self.flip:
+            return f"{what}, {frozen} and one of its mirror image (the same every epoch): random flips between the two"
+        return f"{what}, {frozen} (the same every epoch), no mirror image: NO horizontal flips"
+
+    def check_sampling(self, sampling: str) -> None:
+        """Refuse (one-line ``UserError``) a training config whose ``latent_sampling`` these shards cannot give:
+        ``"fresh"`` needs posterior moments, ``"frozen"`` frozen latents."""
+        if sampling == "fresh" and not self.moments:
+            raise UserError(
+                f"{self.root}: holds frozen latents (one posterior {self.posterior} per image, extracted with "
+                f"--posterior {self.posterior}), but --latent-sampling fresh (the reference recipe) needs posterior "
+                "moments: extract them with python -m minidit.extract_latents (its default --posterior moments), "
+                "or pass --latent-sampling frozen to train on these as they are"
+            )
+        if sampling == "frozen" and self.moments:
+            raise UserError(
+                f"{self.root}: holds posterior moments, not frozen latents; train on them with "
+                "--latent-sampling fresh (or extract frozen ones with --posterior sample)"
+            )
 
     def __len__(self) -> int:
         return self.num_images
@@ -583,16 +672,16 @@ class LatentShards(Dataset):
         return handle
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        """``(x, y)``: ``x`` float32 ``[4, h, w]``, or ``[2, 4, h, w]`` (image, flipped image) with stored flips."""
+        """``(x, y)``: ``x`` float32 ``[2, 2, 4, h, w]`` (moments), or frozen ``[4, h, w]``, or
+        ``[2, 4, h, w]`` (image, flipped image) with stored flips."""
         n = self.num_images
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} latents")
         index %= n
         s, row = divmod(index, self.shard_size)
         f = self._shard(s)
-        x = f.get_slice("latents")[row]
-        if self.flip:
-            x = torch.stack([x, f.get_slice("latents_flip")[row]])
+        parts = [f.get_slice(key)[row] for key in self._layout]
+        x = parts[0] if len(parts) == 1 else torch.stack(parts)
         return x.float(), int(self.targets[index])
 
 

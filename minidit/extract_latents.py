@@ -1,34 +1,45 @@
 """Encode an image folder with the VAE once, so training reads latents instead of running the encoder.
 
     python -m minidit.extract_latents --data-path DIR --out data/latents/NAME --image-size 256 \\
-        [--vae ema|mse|PATH] [--batch-size 32] [--shard-size 4096] [--flip] [--mean] \\
-        [--dtype float16|float32] [--device auto] [--num-workers 4] [--seed 0]
+        [--posterior moments|sample|mean] [--flip] [--vae ema|mse|PATH] [--batch-size 32] \\
+        [--shard-size 4096] [--dtype float16|float32] [--device auto] [--num-workers 4] [--seed 0]
 
 Images go through the same ADM centre crop as pixel training (:class:`minidit.data.ImageFolderDataset`).
+What is stored per image (``--posterior``):
+
+- ``moments`` (default): the VAE posterior's mean and std of the image *and* of its mirror image.
+  The trainer draws a fresh posterior sample ``z = (mean + std * eps) * 0.18215`` and a random flip
+  for every image at every step, as the reference does (it encodes every image at every step).
+  4 tensors ``[4, h, w]`` per image: 32 KiB at 256 px in float16 (ImageNet: ~42 GB).
+- ``sample`` (frozen, what fast-DiT does): one posterior sample, drawn once here, and with ``--flip``
+  one of the mirror image; training sees the same sample every epoch, and no flips without ``--flip``.
+  8 KiB per image at 256 px in float16, 16 KiB with ``--flip`` (ImageNet: ~10.5 GB, ~21 GB).
+- ``mean`` (frozen; ``--mean`` is short for it): the posterior mean instead of a sample.
+
 The output directory holds
 
 - ``shard_00000.safetensors``, ...: shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``
-  of the sorted file list, as tensors ``latents [n, 4, h, w]`` (scaled by 0.18215), ``labels [n]``
-  int64 and, with ``--flip``, ``latents_flip [n, 4, h, w]`` (the latent of the mirrored image);
+  of the sorted file list, as ``labels [n]`` int64 and the latents: ``moments [n, 2, 2, 4, h, w]``
+  (image / mirror image, mean / std, unscaled), or frozen ``latents [n, 4, h, w]`` (scaled by 0.18215)
+  and, with ``--flip``, ``latents_flip [n, 4, h, w]`` (see :func:`minidit.data.shard_layout`);
 - ``meta.json``: the settings (VAE, scale, image size, latent shape, number of images, class
   names, a digest of the file list, shard size, flip, posterior, seed, dtype, format version)
   and ``complete``. It is written before the first shard with ``complete: false`` and
   updated to ``true`` after the last, so an interrupted extraction is recognisable.
 
-Latents are stored as float16 by default: half the disk and read bandwidth of float32
-(ImageNet 256: ~10 GB instead of ~21 GB, without flips), and its rounding (relative
-error <= 2^-11, about 5e-4) is far below the VAE posterior's own noise, which training
-samples anyway. ``--dtype float32`` keeps full precision.
+Latents are stored as float16 by default: half the disk and read bandwidth of float32, with a
+relative rounding error <= 2^-11 (about 5e-4) of each stored value. ``--dtype float32`` keeps full
+precision, at twice the size.
 
 Resumable: shards are written atomically (temporary file, fsync, rename), so a shard
 file that exists is complete; a rerun with the same settings checks each one and
 encodes only the missing or invalid shards. A rerun with different settings into the
 same directory is refused, naming the fields that differ.
 
-Deterministic: the posterior sample of every image uses noise drawn, image after image,
+Deterministic: a frozen posterior sample of every image uses noise drawn, image after image,
 from a CPU generator seeded by (``--seed``, shard index), so a shard comes out the same
 whatever the batch size, worker count or device order (up to the VAE's own numerics on
-different devices). ``--mean`` stores the posterior mean instead of a sample.
+different devices). Moments need no noise (``--seed`` does not matter for them).
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write
-from .data import LATENTS_FORMAT, LATENTS_VERSION, ImageFolderDataset, shard_name
+from .data import LATENTS_FORMAT, LATENTS_VERSION, POSTERIORS, ImageFolderDataset, shard_layout, shard_name
 from .errors import UserError, run_cli
-from .vae import SCALE, downsample_factor, encode, load_vae, resolve_vae
+from .vae import SCALE, downsample_factor, load_vae, posterior_moments, resolve_vae, sample_posterior
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32"}
@@ -72,8 +83,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", default="ema", help="ema | mse | a Hugging Face id | a local AutoencoderKL directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
-    p.add_argument("--flip", action="store_true", help="also store the latent of each horizontally flipped image")
-    p.add_argument("--mean", action="store_true", help="store the posterior mean instead of a posterior sample")
+    p.add_argument(
+        "--posterior",
+        choices=POSTERIORS,
+        default=None,
+        help="moments (default: mean and std of each image and its mirror image, sampled afresh at every "
+        "training step, 32 KiB/image at 256 px in float16) | sample (frozen: one posterior sample, 8 KiB/image) "
+        "| mean (frozen: the posterior mean)",
+    )
+    p.add_argument(
+        "--flip",
+        action="store_true",
+        help="frozen latents: also store the latent of each mirrored image (moments always include it)",
+    )
+    p.add_argument("--mean", action="store_true", help="same as --posterior mean")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage dtype of the latents")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding images")
@@ -88,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.mean and args.posterior not in (None, "mean"):
+        raise UserError(f"--mean contradicts --posterior {args.posterior}; pass one of them")
+    args.posterior = "mean" if args.mean else args.posterior or "moments"
     return args
 
 
@@ -167,18 +193,18 @@ def shard_is_complete(path: Path, start: int, stop: int, settings: dict[str, Any
 
     if not path.is_file():
         return False
-    expected_keys = {"latents", "labels", "latents_flip"} if settings["flip"] else {"latents", "labels"}
+    layout = shard_layout(settings)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             header = (meta.get("settings"), meta.get("start"), meta.get("stop"))
-            if header != (settings_digest(settings), str(start), str(stop)) or set(f.keys()) != expected_keys:
+            if header != (settings_digest(settings), str(start), str(stop)) or set(f.keys()) != {*layout, "labels"}:
                 return False
             if tuple(f.get_slice("labels").get_shape()) != (stop - start,):
                 return False
-            for key in expected_keys - {"labels"}:
+            for key, shape in layout.items():
                 sl = f.get_slice(key)
-                if tuple(sl.get_shape()) != (stop - start, *settings["latent_shape"]):
+                if tuple(sl.get_shape()) != (stop - start, *shape):
                     return False
                 if sl.get_dtype() != _SAFETENSORS_DTYPES[settings["dtype"]]:
                     return False
@@ -205,12 +231,8 @@ def _write_shard(path: Path, parts: dict[str, list], start: int, stop: int, sett
     from safetensors.torch import save_file
 
     dtype = DTYPES[settings["dtype"]]
-    tensors = {
-        "latents": torch.cat(parts["latents"]).to(dtype).contiguous(),
-        "labels": torch.cat(parts["labels"]).long().contiguous(),
-    }
-    if settings["flip"]:
-        tensors["latents_flip"] = torch.cat(parts["latents_flip"]).to(dtype).contiguous()
+    tensors = {key: torch.cat(parts[key]).to(dtype).contiguous() for key in shard_layout(settings)}
+    tensors["labels"] = torch.cat(parts["labels"]).long().contiguous()
     assert len(tensors["labels"]) == stop - start, "a shard must be filled exactly"
     substituted = [int(i) for i, s in zip(torch.cat(parts["index"]), torch.cat(parts["source"])) if i != s]
     metadata = {
@@ -240,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset = ImageFolderDataset(args.data_path, args.image_size)
     source, subfolder = resolve_vae(args.vae)
     n = len(dataset)
+    moments = args.posterior == "moments"
     settings: dict[str, Any] = {
         "format": LATENTS_FORMAT,
-        "version": LATENTS_VERSION,
+        "version": LATENTS_VERSION if moments else 1,  # frozen latents keep version 1, as before moments
         "vae": source + (f"/{subfolder}" if subfolder else ""),
         "scale": SCALE,
         "image_size": args.image_size,
@@ -250,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "class_names": dataset.class_names,
         "files_sha256": dataset.files_digest(),
         "shard_size": args.shard_size,
-        "flip": args.flip,
-        "posterior": "mean" if args.mean else "sample",
-        "seed": args.seed,
+        "flip": args.flip or moments,
+        "posterior": args.posterior,
+        "seed": None if moments else args.seed,  # moments are not random
         "dtype": args.dtype,
     }
     out = Path(args.out)
@@ -300,23 +323,26 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=n, initial=done_images, unit="img", desc="encoding", dynamic_ncols=True)
     buffers: dict[int, dict[str, list]] = {}
     generators: dict[int, torch.Generator] = {}
-    copies = 2 if args.flip else 1
+    layout = shard_layout(full)
+    copies = 2 if full["flip"] else 1
     try:
         for x, y, index, src in loader:
             s = int(index[0]) // args.shard_size
             if s not in buffers:
-                buffers[s] = {k: [] for k in ("latents", "latents_flip", "labels", "index", "source")}
+                buffers[s] = {k: [] for k in (*layout, "labels", "index", "source")}
                 generators[s] = shard_generator(args.seed, s)
-            images = torch.cat([x, x.flip(-1)]) if args.flip else x
-            noise = None
-            if not args.mean:  # per image, in file order: independent of how images are batched
-                per_image = [torch.randn((copies, *full["latent_shape"]), generator=generators[s]) for _ in x]
-                noise = torch.stack(per_image).transpose(0, 1).flatten(0, 1)  # [copies * B, 4, h, w]
-            z = encode(vae, images, sample=not args.mean, noise=noise).cpu()
+            images = torch.cat([x, x.flip(-1)]) if copies == 2 else x
+            mean, std = (m.cpu() for m in posterior_moments(vae, images))  # [copies * B, 4, h, w], unscaled
             buf = buffers[s]
-            buf["latents"].append(z[: len(x)])
-            if args.flip:
-                buf["latents_flip"].append(z[len(x) :])
+            if moments:  # [B, 2 (image, mirror), 2 (mean, std), 4, h, w]
+                buf["moments"].append(torch.stack([mean, std], 1).unflatten(0, (2, len(x))).transpose(0, 1))
+            else:
+                z = mean * SCALE
+                if args.posterior == "sample":  # noise per image, in file order: independent of the batching
+                    per_image = [torch.randn((copies, *full["latent_shape"]), generator=generators[s]) for _ in x]
+                    z = sample_posterior(mean, std, torch.stack(per_image).transpose(0, 1).flatten(0, 1))
+                for key, part in zip(layout, z.split(len(x))):
+                    buf[key].append(part)
             buf["labels"].append(y)
             buf["index"].append(index)
             buf["source"].append(src)

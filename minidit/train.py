@@ -10,6 +10,7 @@ What it does each step, for a global batch of G images spread over W processes:
 
     x_0, y            <- data (toy shapes rendered on the fly, CIFAR-10, an image folder, or VAE latents)
     t, eps, drop, flip <- one generator seeded by (seed, step): the same numbers whatever W is
+    (latents stored as posterior moments: also the noise of a fresh posterior sample per image)
     loss = mean(mse + vb) of diffusion.training_losses(model, x_0, t, eps)   (dit-facts section 4)
     AdamW step; EMA update (lerp towards the weights)
 
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 from . import config as C
 from .checkpoint import CheckpointError, atomic_write, describe_mismatch, read_file, save_checkpoint
+from .data import latent_x0
 from .diffusion import create_diffusion
 from .errors import DataError, UserError, run_cli
 from .model import ALL_MODELS, DiT
@@ -79,6 +81,20 @@ def setup(cfg: C.TrainConfig) -> tuple[Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return d, device
+
+
+def fp32_output(model, device_type: str, dtype: torch.dtype | None):
+    """``model`` run under autocast in ``dtype`` with its output cast to float32 (``model`` itself for
+    None), so the diffusion computes the losses (MSE and the VB term) in fp32, outside autocast."""
+    if dtype is None:
+        return model
+
+    def forward(*args, **kwargs) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            out = model(*args, **kwargs)
+        return out.float()
+
+    return forward
 
 
 def autocast_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -167,6 +183,7 @@ class DataSpec:
     class_names: list[str]
     flip_mode: str = "none"  # none | pixels | stored
     latent: bool = False
+    moments: bool = False  # latents stored as posterior moments: a fresh sample per image and step
 
 
 def describe_data(cfg: C.TrainConfig, dataset) -> DataSpec:
@@ -177,8 +194,10 @@ def describe_data(cfg: C.TrainConfig, dataset) -> DataSpec:
     else:
         spec = DataSpec(
             dataset.in_channels, dataset.input_size, dataset.num_classes, list(dataset.class_names),
-            dataset.flip_mode, latent=cfg.data == "latents",
+            dataset.flip_mode, latent=cfg.data == "latents", moments=getattr(dataset, "moments", False),
         )  # fmt: skip
+        if spec.latent:
+            dataset.check_sampling(cfg.latent_sampling)
         expected = cfg.image_size // (C.VAE_FACTOR if spec.latent else 1)
         if spec.input_size != expected:
             raise DataError(
@@ -319,6 +338,8 @@ class Trainer:
         resume = self.check_run_dir()
         self.dataset = None if cfg.data == "toy" else load_dataset(cfg)
         self.spec = describe_data(cfg, self.dataset)
+        if self.spec.latent:
+            self.log(f"latents: {self.dataset.describe()}")
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.raw = build_model(cfg, self.spec).to(self.device)
@@ -385,7 +406,10 @@ class Trainer:
         noise = torch.randn((G, s.in_channels, s.input_size, s.input_size), generator=g, device=self.device)
         drop = torch.rand(G, generator=g, device=self.device) < self.cfg.class_dropout_prob
         flip = torch.rand(G, generator=g, device=self.device) < 0.5
-        return t, noise, drop.long(), flip
+        # posterior moments: the noise of each image's fresh posterior sample (drawn last: the draws above
+        # stay those of runs on frozen latents)
+        eps_z = torch.randn(noise.shape, generator=g, device=self.device) if s.moments else None
+        return t, noise, drop.long(), flip, eps_z
 
     def lr_at(self, step: int) -> float:
         w = self.cfg.warmup_steps
@@ -394,7 +418,8 @@ class Trainer:
     def train_step(self, step: int, batches) -> torch.Tensor:
         """One optimizer step over ``accum`` micro-batches. Returns the [3] (loss, mse, vb) sums,
         on the device (no host sync)."""
-        t, noise, drop, flip = self.step_noise(step)
+        t, noise, drop, flip, eps_z = self.step_noise(step)
+        net = fp32_output(self.model, self.device.type, self.amp_dtype)
         sums = torch.zeros(3, device=self.device)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
@@ -405,16 +430,14 @@ class Trainer:
             pos = batch_positions(a, self.micro, self.d).to(self.device)
             if self.spec.flip_mode == "pixels":
                 x = torch.where(flip[pos].view(-1, 1, 1, 1), x.flip(-1), x)
-            elif self.spec.flip_mode == "stored":
-                x = torch.where(flip[pos].view(-1, 1, 1, 1), x[:, 1], x[:, 0])
+            elif self.spec.latent:  # stored flips, posterior samples: z = (mean + std * eps_z) * 0.18215
+                x = latent_x0(x, flip[pos], None if eps_z is None else eps_z[pos])
             sync = a == self.accum - 1 or self.d.world_size == 1
             ctx = nullcontext() if sync else self.model.no_sync()
-            amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-            with ctx:
-                with amp:
-                    losses = self.diffusion.training_losses(
-                        self.model, x, t[pos], model_kwargs=dict(y=y, force_drop_ids=drop[pos]), noise=noise[pos]
-                    )
+            with ctx:  # the losses in fp32, outside autocast
+                losses = self.diffusion.training_losses(
+                    net, x, t[pos], model_kwargs=dict(y=y, force_drop_ids=drop[pos]), noise=noise[pos]
+                )
                 loss = losses["loss"].mean() / self.accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums += torch.stack([losses[k].detach().float().sum() for k in ("loss", "mse", "vb")])

@@ -3,6 +3,8 @@
 DiT never sees pixels: a ``[B, 3, H, W]`` image in [-1, 1] is encoded to a
 ``[B, 4, H/8, W/8]`` latent and multiplied by ``SCALE = 0.18215`` (which gives the
 latents roughly unit variance); sampled latents are divided by it before decoding.
+The encoder gives a diagonal Gaussian posterior (``posterior_moments``: mean and std);
+a latent is a sample of it, ``z = (mean + std * eps) * SCALE`` (``sample_posterior``).
 The paper uses ``stabilityai/sd-vae-ft-ema`` ("ema", the default) or ``-mse``.
 """
 
@@ -92,10 +94,32 @@ def downsample_factor(vae: Any) -> int:
 
 
 @torch.no_grad()
+def posterior_moments(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> ``(mean, std)`` of the VAE's diagonal Gaussian posterior,
+    each ``[B, 4, H/8, W/8]`` float32, *unscaled* (``sample_posterior`` applies ``SCALE``).
+
+    ``std`` is diffusers' ``exp(logvar / 2)`` with ``logvar`` clamped to [-30, 20]. Runs without
+    gradients, on the VAE's device and dtype.
+    """
+    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return posterior.mean.float(), posterior.std.float()
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A scaled latent drawn from posterior moments: ``z = (mean + std * noise) * SCALE``.
+
+    ``mean``, ``std``: ``[B, 4, h, w]`` unscaled (``posterior_moments``); ``noise``: standard normal,
+    same shape. The reference's ``latent_dist.sample().mul_(0.18215)``, with the noise passed in:
+    extraction and the trainer (a fresh ``noise`` per image and step) both draw latents with it.
+    """
+    return (mean + std * noise) * SCALE
+
+
+@torch.no_grad()
 def encode(
     vae: Any,
     images: torch.Tensor,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    generator: torch.Generator | None = None,
     sample: bool = True,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -104,19 +128,18 @@ def encode(
     The posterior is a diagonal Gaussian; ``sample=True`` draws ``mean + std * noise``
     (noise from ``generator``, or the given standard-normal ``noise [B, 4, H/8, W/8]``),
     as the reference's training script does; ``sample=False`` takes the mean. The result
-    is multiplied by ``SCALE``. Runs without gradients, on the VAE's device and dtype.
+    is multiplied by ``SCALE``. Runs without gradients, on the VAE's device and dtype
+    (the sample itself is computed in float32).
     """
-    x = images.to(device=vae.device, dtype=vae.dtype)
-    posterior = vae.encode(x).latent_dist
+    mean, std = posterior_moments(vae, images)
     if not sample:
-        z = posterior.mean
-    elif noise is not None:
-        if noise.shape != posterior.mean.shape:
-            raise ValueError(f"noise of shape {tuple(noise.shape)}, expected {tuple(posterior.mean.shape)}")
-        z = posterior.mean + posterior.std * noise.to(posterior.mean)
-    else:
-        z = posterior.sample(generator=generator)
-    return z.float() * SCALE
+        return mean * SCALE
+    if noise is None:
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device)
+    if noise.shape != mean.shape:
+        raise ValueError(f"noise of shape {tuple(noise.shape)}, expected {tuple(mean.shape)}")
+    return sample_posterior(mean, std, noise.to(mean))
 
 
 @torch.no_grad()

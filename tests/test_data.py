@@ -501,11 +501,11 @@ def test_extract_latents_end_to_end(tmp_path, tiny_vae_dir, capsys):
 
 def test_extract_latents_samples_are_deterministic_per_shard(tmp_path, tiny_vae_dir):
     data = make_folder(tmp_path / "imgs", counts=(5, 4))
-    common = ("--flip", "--dtype", "float32")
+    common = ("--posterior", "sample", "--flip", "--dtype", "float32")
     assert extract(data, tmp_path / "a", tiny_vae_dir, *common, "--batch-size", "2") == 0
     assert extract(data, tmp_path / "b", tiny_vae_dir, *common, "--batch-size", "9") == 0
     assert extract(data, tmp_path / "c", tiny_vae_dir, *common, "--batch-size", "4", "--seed", "1") == 0
-    assert extract(data, tmp_path / "m", tiny_vae_dir, *common, "--mean") == 0
+    assert extract(data, tmp_path / "m", tiny_vae_dir, *common[2:], "--mean") == 0
     a, b, c, m = (shard_tensors(tmp_path / d) for d in "abcm")
     for name in a:
         for key in ("latents", "latents_flip"):
@@ -565,7 +565,7 @@ def test_interrupted_extraction_is_detected_and_finished(tmp_path, tiny_vae_dir,
     monkeypatch.setattr(ex, "_write_shard", real_write)
     assert extract(data, out, tiny_vae_dir) == 0
     assert "(2 encoded now)" in capsys.readouterr().out
-    assert len(LatentShards(out)) == 10 and LatentShards(out).flip_mode == "none"
+    assert len(LatentShards(out)) == 10 and LatentShards(out).posterior == "moments"  # the default
 
 
 def test_extract_latents_refuses_other_settings_and_bad_input(tmp_path, tiny_vae_dir, capsys):
@@ -576,10 +576,12 @@ def test_extract_latents_refuses_other_settings_and_bad_input(tmp_path, tiny_vae
     assert extract(data, out, tiny_vae_dir, "--flip") == 0
     capsys.readouterr()
     argv = ["--data-path", str(data), "--out", str(out), "--image-size", "32", "--vae", str(tiny_vae_dir)]
-    assert run_cli(main, argv + ["--shard-size", "4", "--device", "cpu", "--num-workers", "0"]) == 2
+    argv += ["--shard-size", "4", "--device", "cpu", "--num-workers", "0", "--posterior", "sample"]
+    assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "different settings" in err and "image_size: 64 there, 32 now" in err and "flip: true there" in err
+    assert 'posterior: "moments" there, "sample" now' in err
     assert extract(tmp_path / "missing", tmp_path / "x", tiny_vae_dir) == 2
     assert "missing: no such directory" in capsys.readouterr().err
     assert extract(data, tmp_path / "y", tmp_path / "no_vae") == 2
