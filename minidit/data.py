@@ -621,17 +621,21 @@ class LatentShards(Dataset):
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
-    def describe(self) -> str:
-        """One line: what the shards hold and what training on them does with posterior samples and flips."""
+    def describe(self, flips: bool = True) -> str:
+        """One line: what the shards hold and what training on them does with posterior samples and flips
+        (``flips``: whether the trainer flips at all, its ``--hflip``)."""
         dtype = self.meta.get("dtype", "float16")
         what = f"{self.root}: {self.num_images} latents {self.latent_shape[1]}x{self.latent_shape[2]}x"
         what += f"{self.in_channels} from {self.image_size}px images, {dtype}"
         if self.moments:
+            flip = "a random flip" if flips else "no flip (--hflip off)"
             return (
                 f"{what}, posterior moments of each image and its mirror image: a fresh posterior sample and "
-                "a random flip per image and step (the reference recipe)"
+                f"{flip} per image and step" + (" (the reference recipe)" if flips else "")
             )
         frozen = f"frozen: one posterior {self.posterior} per image"
+        if not flips:
+            return f"{what}, {frozen} (the same every epoch), no flips (--hflip off)"
         if self.flip:
             return f"{what}, {frozen} and one of its mirror image (the same every epoch): random flips between the two"
         return f"{what}, {frozen} (the same every epoch), no mirror image: NO horizontal flips"

@@ -137,6 +137,7 @@ def test_moments_of_the_image_and_its_flip_are_stored(dirs, tiny_vae_dir):
     ds = LatentShards(dirs["moments"])
     assert (ds.posterior, ds.moments, ds.flip_mode, len(ds)) == ("moments", True, "stored", N)
     assert "posterior moments of each image and its mirror image" in ds.describe()
+    assert "a random flip per image and step" in ds.describe() and "no flip (--hflip off)" in ds.describe(flips=False)
     for i in range(N):
         x, y = ds[i]
         assert x.shape == (2, 2, 4, 8, 8) and x.dtype == torch.float32 and y == images.targets[i]
@@ -288,6 +289,7 @@ def test_old_shard_directories_still_load_and_train(tmp_path, flip, capsys):
     lines = [line for line in out.splitlines() if line.startswith("latents: ")]
     assert len(lines) == 1 and "frozen: one posterior sample per image" in lines[0]
     assert ("random flips" in lines[0]) == flip and ("NO horizontal flips" in lines[0]) != flip
+    assert "no flips (--hflip off)" in ds.describe(flips=False)
 
 
 def test_old_latent_run_directories_resume_with_frozen_sampling():
