@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import warnings
 from collections.abc import Callable
@@ -56,3 +57,36 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def closest(word: str, options) -> str | None:
+    """The option most like ``word`` (for "did you mean" hints), or None when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one ``UserError`` line (exit status 2 through ``run_cli``), with a
+    "did you mean" for a misspelled option (sub-commands' options included)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            word = unknown[0].split("=")[0]
+            if not word.startswith("-"):
+                self.error(f"unexpected argument {word!r}")
+            guess = closest(word, _option_strings(self))
+            self.error(f"unknown option {word}" + (f" (did you mean {guess}?)" if guess else ""))
+        return parsed
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    names = []
+    for action in parser._actions:
+        names += action.option_strings
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            names += _option_strings(sub)
+    return names

@@ -1,36 +1,67 @@
 """Sample from a DiT: ``python -m minidit.sample`` (lesson 07).
 
-    python -m minidit.sample --ckpt runs/toy --classes "red circle,blue square" --out grid.png
-    python -m minidit.sample --ckpt DiT-XL-2-256x256.pt --classes "golden retriever,207" --cfg-scale 4
+    python -m minidit.sample --ckpt runs/toy --classes "red circle,blue square"   # -> runs/toy/samples/
+    python -m minidit.sample --ckpt DiT-XL-2-256x256.pt --classes "golden retriever,207" --out grid.png
     torchrun --nproc_per_node 8 -m minidit.sample --ckpt DiT-XL-2-256x256.pt --num-samples 50000 \\
         --cfg-scale 1.5 --npz samples.npz        # the .npz that the ADM evaluator reads
 
-Checkpoints: a minidit run directory or training checkpoint (EMA weights), the released
-DiT-XL/2 weights by name, or any file/directory ``minidit.checkpoint`` reads. Latent
-models (4 input channels) are decoded with the Stable Diffusion VAE (``--vae``).
+Checkpoints: a minidit run directory or training checkpoint (EMA weights, rebuilt from the run's
+config), the released DiT-XL/2 weights by name, or any file/directory ``minidit.checkpoint`` reads.
+Latent models (4 input channels) are decoded with the Stable Diffusion VAE (``--vae``).
+
+Outputs: a run's samples go to ``<run dir>/samples/`` unless ``--out`` (the grid) or ``--npz`` say
+where; other checkpoints need them. Sample i's noise (x_T and every step's) comes from its own
+generator, seeded by (``--seed``, i): the images do not depend on the batch size or on the number of
+processes. ``--num-samples N`` writes each batch as a shard into ``<npz>.shards/`` as it goes (every
+process its own batches), then merges the shards into the ``.npz``; the same command after a crash
+skips the shards already written.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
+import hashlib
+import io
+import json
+import math
 import os
+import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .checkpoint import extract_state_dict, model_from_checkpoint, model_from_state_dict, read_file
+from .checkpoint import atomic_write, model_from_state_dict, read_checkpoint
 from .diffusion import create_diffusion
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, positive_int, run_cli
 from .model import DiT
 
 #: The reference sampler's example classes (ImageNet ids).
 DEFAULT_IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of sample ``index``'s noise: seeded with a hash of (seed, index) (numpy's
+    ``SeedSequence``), so that no two samples share noise, whatever batch or process draws them."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state))
+
+
+def check_guidance(model: DiT, cfg_scale: float) -> None:
+    """Refuse a guidance scale that is not finite and >= 0, or guidance on a model without a null class."""
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UserError(f"--cfg-scale {cfg_scale}: the guidance scale must be a finite number >= 0 (1: no guidance)")
+    if cfg_scale != 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+        raise UserError(
+            f"--cfg-scale {cfg_scale:g}: this model was trained without label dropout (class_dropout_prob 0), so it "
+            "has no null class and classifier-free guidance is impossible; use --cfg-scale 1"
+        )
 
 
 @torch.no_grad()
@@ -49,38 +80,48 @@ def generate(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = False,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class-conditional samples: labels [N] -> images [N, C, H, W] (decoded to [-1, 1] when ``decoder``).
 
     DDPM (ancestral, learned variance) or DDIM (eta = 0) over ``num_steps`` respaced
     steps; classifier-free guidance with ``cfg_scale`` (1: none) on ``guided_channels``
-    (3, the reference; None: all). Noise for chunk k comes from a generator seeded with
-    ``seed + k``, so the same seed gives the same images.
+    (3, the reference; None: all). Sample i's noise comes from ``sample_generator(seed, indices[i])``
+    (default indices 0..N-1), so a sample is the same in any batch. Raises ``UserError`` if a
+    sample is not finite (broken weights).
     """
     if sampler not in ("ddpm", "ddim"):
         raise UserError(f"--sampler {sampler!r}: choose ddpm or ddim")
+    check_guidance(model, cfg_scale)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices)
     diffusion = create_diffusion(str(num_steps), noise_schedule, model.learn_sigma, diffusion_steps)
     loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     was_training = model.training
     model.eval()
     out = []
-    for k, y in enumerate(labels.split(batch_size)):
-        g = torch.Generator(device).manual_seed(seed + k)
+    for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
+        generators = [sample_generator(seed, int(i), device) for i in idx]
+
+        def randn(shape, like=None, generator=None, device=device, dtype=None, generators=generators):
+            z = torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generators])
+            return torch.cat([z] * (shape[0] // len(z)))  # a guided batch is [z, z]: its halves share their noise
+
+        diffusion._randn = randn  # the diffusion draws every step's noise through this
         y = y.to(device)
-        z = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, generator=g, device=device)
+        z = randn((len(y), model.in_channels, model.input_size, model.input_size))
+        kw = dict(progress=progress, clip_denoised=clip_denoised)
         if cfg_scale == 1.0:
-            x = loop(
-                model, z.shape, z, model_kwargs=dict(y=y), generator=g, progress=progress, clip_denoised=clip_denoised
-            )
+            x = loop(model, z.shape, z, model_kwargs=dict(y=y), **kw)
         else:
             null = torch.full_like(y, model.num_classes)
             fn = partial(model.forward_with_cfg, guided_channels=guided_channels)
             z2 = torch.cat([z, z])
-            kw = dict(y=torch.cat([y, null]), cfg_scale=cfg_scale)
-            x = loop(fn, z2.shape, z2, model_kwargs=kw, generator=g, progress=progress, clip_denoised=clip_denoised)
-            x = x[: len(y)]
-        out.append(decoder(x).clamp(-1, 1) if decoder is not None else x)
+            x = loop(fn, z2.shape, z2, model_kwargs=dict(y=torch.cat([y, null]), cfg_scale=cfg_scale), **kw)[: len(y)]
+        x = decoder(x) if decoder is not None else x
+        if not torch.isfinite(x).all():
+            raise UserError(f"samples {int(idx[0])}..{int(idx[-1])} hold NaN/inf values: the weights are broken")
+        out.append(x.clamp(-1, 1) if decoder is not None else x)
     model.train(was_training)
     return torch.cat(out)
 
@@ -98,37 +139,32 @@ def imagenet_class_names() -> list[str]:
 
 
 def load_for_sampling(ckpt: str, image_size: int | None = None) -> tuple[DiT, dict]:
-    """A model in eval mode, plus what is known about its data: class names, latent or pixels."""
-    path = Path(ckpt)
-    if path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
-        path = path / "checkpoints" / "last.pt"  # a minidit run directory
-    info: dict = {}
-    if path.is_file() and path.suffix == ".pt":
-        raw = read_file(path)
-        if isinstance(raw.get("config"), dict):  # a minidit training checkpoint: EMA weights + metadata
-            info["train_config"] = raw["config"]
-            info["class_names"] = raw.get("class_names")
-        model = model_from_state_dict(extract_state_dict(raw), str(path))
-    else:
-        model = model_from_checkpoint(ckpt, **({"input_size": image_size // 8} if image_size else {}))
-    info["latent"] = model.in_channels == 4
-    if info.get("class_names") is None:
-        data = info.get("train_config", {}).get("data")
+    """A model in eval mode, plus what is known about it: ``class_names``, ``latent``, ``train_config``
+    (a minidit run's config, or {}), ``run_dir`` (None unless a minidit run)."""
+    sd, meta = read_checkpoint(ckpt, input_size=image_size // 8 if image_size else None)
+    model = model_from_state_dict(sd, str(ckpt), **meta["dit"])
+    info = {"train_config": meta["train_config"] or {}, "run_dir": meta["run_dir"], "latent": model.in_channels == 4}
+    names = meta["class_names"]
+    if names is None:
+        data = info["train_config"].get("data")
         if data == "toy":
             from . import toy
 
-            info["class_names"] = list(toy.CLASS_NAMES)
+            names = list(toy.CLASS_NAMES)
         elif data == "cifar10":
-            info["class_names"] = CIFAR10_CLASSES
+            names = CIFAR10_CLASSES
         elif model.num_classes == 1000:
-            info["class_names"] = imagenet_class_names()
+            names = imagenet_class_names()
         else:
-            info["class_names"] = [str(i) for i in range(model.num_classes)]
+            names = [str(i) for i in range(model.num_classes)]
+    info["class_names"] = names
     return model, info
 
 
 def parse_classes(spec: str, names: list[str]) -> list[int]:
     """ "207,golden retriever, red circle" -> class ids; names match case-insensitively."""
+    from .errors import closest
+
     lower = [n.lower() for n in names]
     ids = []
     for item in (s.strip() for s in spec.split(",")):
@@ -141,12 +177,140 @@ def parse_classes(spec: str, names: list[str]) -> list[int]:
         elif item.lower() in lower:
             ids.append(lower.index(item.lower()))
         else:
-            close = difflib.get_close_matches(item.lower(), lower, n=1, cutoff=0.6)
-            hint = f" (did you mean {names[lower.index(close[0])]!r}?)" if close else ""
+            close = closest(item.lower(), lower)
+            hint = f" (did you mean {names[lower.index(close)]!r}?)" if close else ""
             raise UserError(f"unknown class {item!r}{hint}")
     if not ids:
         raise UserError("--classes is empty")
     return ids
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``--device``: auto (CUDA if there is one), cpu, cuda, cuda:N or mps; one line if it is not here."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here (use --device cpu)")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here (use --device cpu)")
+    return device
+
+
+# --------------------------------------------------------------------------
+# Many samples: shards on disk, merged into one .npz
+# --------------------------------------------------------------------------
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of the weights (names, shapes, sums), recorded with the shards."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        v = v.detach().double()
+        h.update(f"{k}{tuple(v.shape)}{v.sum().item():.17g}{v.abs().sum().item():.17g}".encode())
+    return h.hexdigest()[:16]
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """``np.savez`` to exactly ``path`` (no ``.npz`` appended); for ``atomic_write``."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def shard_dir(npz: str | os.PathLike) -> Path:
+    return Path(f"{npz}.shards")
+
+
+def _check_settings(shards: Path, settings: dict) -> None:
+    """Refuse shards that another command wrote; record ours. Every process checks before any is written."""
+    path = shards / "settings.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+        diff = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in settings.items() if saved.get(k) != v]
+        if diff:
+            raise UserError(
+                f"{shards} holds samples made with other settings ({'; '.join(diff[:3])}): pass the same settings "
+                "to continue them, or delete that directory to start over"
+            )
+
+
+def write_shards(model: DiT, labels: torch.Tensor, npz: str, settings: dict, gen: dict, batch_size: int) -> None:
+    """Generate sample i for every i in 0..N-1 (N = len(labels)) into shard files of ``batch_size``
+    samples, ``<npz>.shards/<first index>.npz`` (uint8 ``images`` [n, H, W, 3], ``labels`` [n]),
+    written atomically as each batch is done: memory stays flat in N. Under torch.distributed, the
+    missing shards are dealt out to the processes in turn. Shards already there are kept."""
+    import torch.distributed as dist
+
+    from .plots import to_uint8
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    shards = shard_dir(npz)
+    _check_settings(shards, settings)
+    if distributed:
+        dist.barrier()  # every process has checked the settings before they are written
+    if rank == 0:
+        atomic_write(shards / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+    n = len(labels)
+    todo = [s for s in range(0, n, batch_size) if not (shards / f"{s:08d}.npz").is_file()]
+    if distributed:
+        dist.barrier()  # every process has listed the missing shards before any is written
+    if rank == 0:
+        done = n - sum(min(batch_size, n - s) for s in todo)
+        print(f"sampling {n} images into {shards}/: {done} already there, {n - done} to go ({world} process(es))")
+    for start in tqdm(todo[rank::world], desc="sampling", unit="batch", disable=rank != 0, dynamic_ncols=True):
+        idx = torch.arange(start, min(start + batch_size, n))
+        pixels = to_uint8(generate(model, labels[idx], indices=idx, batch_size=len(idx), **gen).cpu()).numpy()
+        atomic_write(shards / f"{start:08d}.npz", partial(save_npz, images=pixels, labels=labels[idx].numpy()))
+    if distributed:
+        dist.barrier()
+
+
+def merge_shards(npz: str, n: int, batch_size: int, out_dir: str | None = None) -> tuple[int, ...]:
+    """Stream the shards, in order, into ``npz`` (``arr_0`` uint8 [N, H, W, 3], ``labels`` [N]; the ADM
+    evaluator's format) without holding them all in memory; then delete the shards. Returns arr_0's shape."""
+    shards = shard_dir(npz)
+    files = [shards / f"{s:08d}.npz" for s in range(0, n, batch_size)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{shards}: shards {', '.join(missing[:3])} are missing; run the same command again")
+    with np.load(files[0]) as first:
+        shape = (n, *first["images"].shape[1:])
+    labels = []
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for i, path in enumerate(files):
+                    with np.load(path) as shard:
+                        images = shard["images"]
+                        labels.append(shard["labels"])
+                    f.write(np.ascontiguousarray(images).tobytes())
+                    if out_dir:
+                        from PIL import Image
+
+                        for j, (img, y) in enumerate(zip(images, labels[-1])):
+                            Image.fromarray(img).save(os.path.join(out_dir, f"{i * batch_size + j:06d}_{y}.png"))
+            buffer = io.BytesIO()
+            np.save(buffer, np.concatenate(labels))
+            zf.writestr("labels.npy", buffer.getvalue())
+
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    atomic_write(npz, write)
+    shutil.rmtree(shards)
+    return shape
 
 
 # --------------------------------------------------------------------------
@@ -154,48 +318,66 @@ def parse_classes(spec: str, names: list[str]) -> list[int]:
 # --------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minidit.sample", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m minidit.sample", description="Sample a grid, or N samples for FID, from a DiT.")
     p.add_argument(
         "--ckpt", required=True, help="run directory, checkpoint file, diffusers dir, or DiT-XL-2-256x256.pt"
     )
     p.add_argument("--classes", default="", help="comma-separated class ids or names (default: a few per dataset)")
-    p.add_argument("--per-class", type=int, default=4, help="samples per class in the grid")
-    p.add_argument("--num-samples", type=int, default=0, help="N random-class samples instead of a grid (for FID)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale; 1 = none (FID: 1.5)")
-    p.add_argument("--guided-channels", default="3", help="3 (the reference) or 'all'")
-    p.add_argument("--num-steps", type=int, default=250, help="sampling steps (respaced from 1000)")
-    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=None, choices=(256, 512), help="for diffusers dirs without config")
-    p.add_argument("--vae", default="ema", help="ema | mse | a local AutoencoderKL directory (latent models)")
-    p.add_argument("--out", default="samples.png", help="grid PNG")
-    p.add_argument("--out-dir", default=None, help="also write one PNG per sample here")
-    p.add_argument("--npz", default=None, help="write uint8 samples (and labels) to this .npz (ADM evaluator format)")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
+    p.add_argument("--per-class", type=positive_int, default=4, help="samples per class in the grid (default: 4)")
+    p.add_argument("--num-samples", type=positive_int, help="N samples of random classes for FID (no grid)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale >= 0; 1: none (default: 4; FID: 1.5)")
+    p.add_argument("--guided-channels", default="3", help="1-4 or 'all' (default: 3, the reference)")
+    p.add_argument("--num-steps", type=positive_int, default=250, help="sampling steps, respaced (default: 250)")
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="(default: ddpm)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch and shard (default: 32)")
+    p.add_argument("--image-size", type=int, choices=(256, 512), help="for a diffusers file without its config")
+    p.add_argument("--vae", default="ema", help="latent models: ema, mse or an AutoencoderKL directory (default: ema)")
+    p.add_argument("--out", help="the grid PNG (default for a run: <run dir>/samples/grid_<settings>.png)")
+    p.add_argument("--out-dir", help="also write one PNG per sample here")
+    p.add_argument(
+        "--npz", help="uint8 samples and labels, the ADM evaluator's format (default for a run with --num-samples: "
+        "<run dir>/samples/<N>_<settings>.npz)"
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA if any)")
+    return p
+
+
+def default_outputs(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """Fill in ``args.out`` / ``args.npz``: under ``<run dir>/samples/`` for a run; others must say where."""
+    tag = f"cfg{args.cfg_scale:g}_{args.sampler}{args.num_steps}_seed{args.seed}"
+    if args.num_samples:
+        if args.npz is None and run_dir is None:
+            raise UserError(f"--ckpt {args.ckpt} is not a minidit run: say where the samples go with --npz FILE")
+        args.npz = args.npz or str(run_dir / "samples" / f"{args.num_samples}_{tag}.npz")
+    elif args.out is None:
+        if run_dir is None:
+            raise UserError(f"--ckpt {args.ckpt} is not a minidit run: say where the grid goes with --out FILE.png")
+        args.out = str(run_dir / "samples" / f"grid_{tag}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.guided_channels not in ("all", "1", "2", "3", "4"):
         raise UserError(f"--guided-channels {args.guided_channels!r}: use 1-4 or 'all'")
     guided = None if args.guided_channels == "all" else int(args.guided_channels)
-    if args.num_steps <= 0 or args.num_steps > 1000 or args.batch_size <= 0 or args.per_class <= 0:
-        raise UserError("--num-steps must be in 1..1000, --batch-size and --per-class positive")
-
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise UserError(f"--cfg-scale {args.cfg_scale}: the guidance scale must be a finite number >= 0 (1: none)")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if args.num_samples and args.out:
+        raise UserError("--out is the class grid, which --num-samples does not make: use --npz (and --out-dir)")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.cuda.set_device(device)
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
 
     model, info = load_for_sampling(args.ckpt, args.image_size)
+    default_outputs(args, info["run_dir"])
+    trained = info["train_config"]  # a minidit run knows its schedule; released weights use the default
+    schedule, steps = trained.get("noise_schedule", "linear"), trained.get("diffusion_steps", 1000)
+    if args.num_steps > steps:
+        raise UserError(f"--num-steps {args.num_steps}: the model was trained with {steps} diffusion steps")
+    check_guidance(model, args.cfg_scale)
     model.to(device)
     names = info["class_names"]
     decoder, clip = None, True
@@ -204,60 +386,56 @@ def main(argv: list[str] | None = None) -> int:
 
         v = vae.load_vae(args.vae, device=device)
         decoder, clip = partial(vae.decode, v), False
-
-    if args.num_samples:
-        # FID protocol: uniformly random classes; process r samples every world-th image
-        g = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(0, model.num_classes, (args.num_samples,), generator=g)
-        mine = torch.arange(rank, args.num_samples, world)
-    else:
-        if args.classes:
-            classes = parse_classes(args.classes, names)
-        else:
-            classes = DEFAULT_IMAGENET_CLASSES if model.num_classes == 1000 else list(range(min(model.num_classes, 10)))
-        labels = torch.tensor(classes).repeat_interleave(args.per_class)
-        mine = torch.arange(len(labels)) if rank == 0 else torch.arange(0)
-    trained = info.get("train_config", {})  # a minidit run knows its schedule; released weights use the default
-    images = generate(
-        model, labels[mine], cfg_scale=args.cfg_scale, num_steps=args.num_steps, sampler=args.sampler,
-        seed=args.seed * 1000 + rank, guided_channels=guided, decoder=decoder, clip_denoised=clip,
-        noise_schedule=trained.get("noise_schedule", "linear"), diffusion_steps=trained.get("diffusion_steps", 1000),
-        batch_size=args.batch_size, device=device, progress=rank == 0,
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.set_device(device)
+    gen = dict(
+        cfg_scale=args.cfg_scale, num_steps=args.num_steps, sampler=args.sampler, seed=args.seed,
+        guided_channels=guided, decoder=decoder, clip_denoised=clip, noise_schedule=schedule,
+        diffusion_steps=steps, device=device,
     )  # fmt: skip
+
+    if args.num_samples:  # the FID protocol: uniformly random classes
+        labels = torch.randint(
+            0, model.num_classes, (args.num_samples,), generator=torch.Generator().manual_seed(args.seed)
+        )
+        settings = {
+            "weights": weights_fingerprint(model), "num_samples": args.num_samples, "batch_size": args.batch_size,
+            **{k: v for k, v in gen.items() if k not in ("decoder", "device")},
+            "vae": args.vae if info["latent"] else None,
+        }  # fmt: skip
+        import torch.distributed as dist
+
+        if world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            write_shards(model, labels, args.npz, settings, gen, args.batch_size)
+            if rank == 0:
+                shape = merge_shards(args.npz, args.num_samples, args.batch_size, args.out_dir)
+                pngs = f", {args.out_dir}/ ({shape[0]} PNGs)" if args.out_dir else ""
+                print(f"wrote {args.npz} ({shape[0]} images {shape[1]}x{shape[2]}, uint8){pngs}")
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
+        return 0
+
+    if rank != 0:  # a grid is small: one process draws it
+        return 0
+    if args.classes:
+        classes = parse_classes(args.classes, names)
+    else:
+        classes = DEFAULT_IMAGENET_CLASSES if model.num_classes == 1000 else list(range(min(model.num_classes, 10)))
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    images = generate(model, labels, batch_size=args.batch_size, progress=True, **gen).cpu()
     from .plots import save_class_grid, to_uint8
 
     pixels = to_uint8(images).numpy()
-    if world > 1:
-        import torch.distributed as dist
-
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine.numpy(), pixels))
-        if rank == 0:
-            order = np.concatenate([p[0] for p in parts])
-            pixels = np.concatenate([p[1] for p in parts])[np.argsort(order)]
-        dist.barrier()
-    if rank != 0:
-        return 0
-    written = []
+    title = f"CFG {args.cfg_scale:g}, {args.sampler} {args.num_steps}"
+    save_class_grid(images, [names[c] for c in classes], args.per_class, args.out, title=title)
+    written = [args.out]
     if args.npz:
-        from .checkpoint import atomic_write
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=pixels, labels=labels.numpy())
-
-        atomic_write(args.npz, write)
+        atomic_write(args.npz, partial(save_npz, arr_0=pixels, labels=labels.numpy()))
         written.append(f"{args.npz} ({pixels.shape[0]} images {pixels.shape[1]}x{pixels.shape[2]}, uint8)")
-    if not args.num_samples:
-        rows = [names[c] for c in classes]
-        save_class_grid(
-            images.cpu(),
-            rows,
-            args.per_class,
-            args.out,
-            title=f"CFG {args.cfg_scale:g}, {args.sampler} {args.num_steps}",
-        )
-        written.append(args.out)
     if args.out_dir:
         from PIL import Image
 
