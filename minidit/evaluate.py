@@ -28,7 +28,6 @@ Reference statistics (``mu`` [F], ``sigma`` [F, F]) are cached as ``.npz`` under
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import importlib
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .data import _socket_timeout, cifar10_files, load_cifar10_arrays
-from .errors import DataError, UserError, positive_int, run_cli
+from .errors import ArgumentParser, DataError, UserError, positive_int, run_cli
 
 #: A feature extractor: uint8 images [B, 3, H, W] -> float features [B, F] (a 1-tuple of that is accepted too).
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -62,6 +61,10 @@ TORCH_FIDELITY_PIP = "pip install 'torch-fidelity>=0.3'"
 
 class FrechetError(UserError, ValueError):
     """The Fréchet distance cannot be computed reliably (too few samples for the feature dimension)."""
+
+
+class FrechetWarning(UserWarning):
+    """The covariance product was singular and was regularised (one line under the command line)."""
 
 
 # --------------------------------------------------------------------------
@@ -95,11 +98,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"covariances must be [{len(mu1)}, {len(mu1)}], got {sigma1.shape} and {sigma2.shape}")
 
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"Fréchet distance: singular product; adding {eps} to the covariance diagonals", stacklevel=2)
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # scipy's "matrix is singular": handled below, and said by the callers
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            message = f"Fréchet distance: singular product; adding {eps} to the covariance diagonals"
+            warnings.warn(message, FrechetWarning, stacklevel=2)
+            offset = np.eye(len(mu1)) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise FrechetError(
@@ -637,7 +643,8 @@ def toy_metrics(
 
     Returns ``{"accuracy": fraction classified as their label, "per_class_accuracy": [C] list (NaN for a
     class with no samples), "frechet_toy": Fréchet distance of the classifier's features of samples vs
-    real images, "num_samples": N, "num_real": M}``.
+    real images, "num_samples": N, "num_real": M, "num_features": F}``. The Fréchet distance needs
+    N and M well above F to mean much.
     """
     x = _toy_images(images)
     labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
@@ -682,19 +689,13 @@ def toy_metrics(
         "frechet_toy": frechet_distance(mu1, sigma1, mu2, sigma2),
         "num_samples": len(x),
         "num_real": len(real_features),
+        "num_features": sample_features.shape[1],
     }
 
 
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage mistakes reported as one line (``UserError``) like every other mistake."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def _check_reference_arg(ref: str) -> str:
@@ -704,7 +705,7 @@ def _check_reference_arg(ref: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m minidit.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m minidit.evaluate", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{fid,toy,stats}")
 
     def common(p, batch_size):
@@ -762,10 +763,17 @@ def main(argv: list[str] | None = None) -> int:
             images, labels, n_real=args.n_real, batch_size=args.batch_size, device=device,
             classifier_path=args.classifier,
         )  # fmt: skip
+        names = importlib.import_module("minidit.toy").CLASS_NAMES
         print(f"accuracy: {100 * m['accuracy']:.2f}% ({m['num_samples']} samples)")
-        per_class = ", ".join(f"{c}: {100 * a:.1f}%" for c, a in enumerate(m["per_class_accuracy"]) if a == a)
+        per_class = ", ".join(f"{names[c]}: {100 * a:.1f}%" for c, a in enumerate(m["per_class_accuracy"]) if a == a)
         print(f"per-class accuracy: {per_class}")
         print(f"Frechet-toy: {m['frechet_toy']:.4f} (vs {m['num_real']} real toy images)")
+        if min(m["num_samples"], m["num_real"]) <= m["num_features"]:
+            print(
+                f"note: Frechet-toy is unreliable with no more images than the classifier's {m['num_features']} "
+                f"features: use more than {m['num_features']} samples (and --n-real)",
+                file=sys.stderr,
+            )
     else:
         if args.source.lower() != "cifar10" and not Path(args.source).exists():
             raise DataError(f"{args.source}: not 'cifar10', and no such folder or .npz file")

@@ -349,18 +349,41 @@ def test_toy_metrics_defaults_come_from_minidit_toy_lazily(monkeypatch):
     assert m["accuracy"] == pytest.approx(37 / 40) and abs(m["frechet_toy"]) < 1e-6
 
 
-def test_cli_toy(tmp_path, monkeypatch, capsys):
-    images, labels, _ = toy_samples(size=8)
-    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def fake_toy_module(monkeypatch, images, labels):
     fake_toy = types.SimpleNamespace(
         load_classifier=lambda path=None: MeanValueClassifier(),
         make_batch=lambda indices, seed=0, image_size=32: (images[indices - 10**6], labels[indices - 10**6]),
+        CLASS_NAMES=[f"shape {c}" for c in range(10)],
     )
     monkeypatch.setitem(sys.modules, "minidit.toy", fake_toy)
+
+
+def test_cli_toy(tmp_path, monkeypatch, capsys):
+    images, labels, _ = toy_samples(size=8)
+    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    fake_toy_module(monkeypatch, images, labels)
     s = save_npz(tmp_path / "toy.npz", arr_0=as_uint8, labels=labels.numpy())
     code, out, err = cli(["toy", s], capsys)
     assert code == 0, err
     assert "accuracy: 92.50% (40 samples)" in out and "Frechet-toy: 0.0000 (vs 40 real toy images)" in out
+    assert (
+        "per-class accuracy: shape 0: 100.0%, shape 1: 100.0%, shape 2: 100.0%, shape 3: 100.0%, shape 4: 80.0%" in out
+    )
+    assert err == ""  # 40 images for 18 features: no note
+
+
+def test_cli_toy_with_few_samples_says_the_frechet_figure_is_unreliable(tmp_path, monkeypatch, capsys, recwarn):
+    images, labels, _ = toy_samples(size=8)
+    images, labels = images[:12], labels[:12]
+    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    fake_toy_module(monkeypatch, images, labels)
+    code, out, err = cli(["toy", save_npz(tmp_path / "toy.npz", arr_0=as_uint8, labels=labels.numpy())], capsys)
+    assert code == 0 and "(12 samples)" in out, err
+    assert err.strip() == (
+        "note: Frechet-toy is unreliable with no more images than the classifier's 18 features: "
+        "use more than 18 samples (and --n-real)"
+    )
+    assert not [w for w in recwarn if issubclass(w.category, linalg.LinAlgWarning)]  # scipy's own: not shown
 
 
 # --------------------------------------------------------------------------
@@ -393,6 +416,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "toy without labels": (["toy", good], "no 'labels'"),
         "stats missing source": (["stats", tmp_path / "nope", "--out", tmp_path / "s.npz"], "no such"),
         "bad batch size": (["fid", good, "--ref", good, "--batch-size", "0"], "at least 1"),
+        "misspelled option": (["fid", good, "--ref", good, "--batchsize", "8"], r"did you mean --batch-size\?"),
         "no command": ([], "required"),
     }
 
