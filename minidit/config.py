@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -68,6 +69,50 @@ class TrainConfig:
     cfg_scale: float = 4.0  # guidance scale for grids and evaluation
     eval_samples: int = 200  # final evaluation: samples to classify (toy data only; 0: skip)
     vae: str = "ema"  # latent models: VAE used to decode grids (ema | mse | a local directory)
+
+
+#: One line per field for ``--help`` (tests check that every field has one).
+HELP: dict[str, str] = {
+    "data": "what to train on: toy (shapes drawn on the fly) | cifar10 | folder | latents",
+    "data_path": "image folder (one subfolder per class) or latents directory from minidit.extract_latents",
+    "data_root": "where CIFAR-10 is downloaded",
+    "image_size": "image side in pixels (latent models train on image_size / 8)",
+    "num_classes": "number of classes (none: from the dataset)",
+    "num_workers": "DataLoader worker processes for real datasets (0: load in the training process)",
+    "model": "DiT-{Ti,S,B,L,XL}/{2,4,8}: size / patch size",
+    "learn_sigma": "learn the variance too (hybrid loss mse + vb), as the paper",
+    "class_dropout_prob": "label dropout in training: the null class for guidance (0: no guidance possible)",
+    "attn_backend": "attention kernel: sdpa | math | flash_attn",
+    "grad_checkpointing": "recompute each block in the backward pass (less memory, slower)",
+    "compile": "torch.compile the model",
+    "noise_schedule": "beta schedule: linear (the paper) | cosine (Improved DDPM)",
+    "diffusion_steps": "diffusion steps T of the training schedule",
+    "global_batch_size": "images per optimizer step, over all processes",
+    "micro_batch_size": "images per process and forward pass (none: no gradient accumulation)",
+    "lr": "AdamW learning rate",
+    "warmup_steps": "linear learning-rate warm-up steps (0: none)",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the gradient norm to this value (0: off)",
+    "max_steps": "train until this optimizer step",
+    "ema_decay": "EMA decay of the weights used for sampling",
+    "precision": "auto (bf16/fp16 autocast on GPUs, fp32 on CPU) | fp32 | bf16 | fp16",
+    "tf32": "TF32 matmuls on CUDA",
+    "seed": "seed of the initial weights and of every step's noise",
+    "device": "auto | cpu | cuda | mps",
+    "run_dir": "run directory (none: runs/<config>)",
+    "log_every": "write a log.jsonl row every N steps",
+    "ckpt_every": "save checkpoints/last.pt every N steps",
+    "ckpt_keep_every": "also keep checkpoints/step_N.pt every N steps (0: only last.pt)",
+    "sample_every": "draw a sample grid every N steps (0: only at the end)",
+    "samples_per_class": "columns of the sample grids",
+    "sample_classes": "comma-separated class ids for the grid rows (empty: the first 16 classes)",
+    "sample_steps": "sampling steps (respaced DDPM) for grids and evaluation",
+    "cfg_scale": "classifier-free guidance scale for grids and evaluation",
+    "eval_samples": "samples the toy classifier checks at the end (toy data only; 0: skip)",
+    "vae": "latent models: VAE that decodes the grids (ema | mse | a local directory)",
+    "latent_sampling": "latents: fresh (a new posterior sample and flip per image and step, as the reference; "
+    "needs extract_latents' default --posterior moments) | frozen (train on stored samples)",
+}  # fmt: skip
 
 
 #: Named presets: each overrides some defaults. Fields not named keep TrainConfig's defaults.
@@ -139,6 +184,17 @@ def _closest(word: str, options) -> str | None:
 def _suggest(word: str, options) -> str:
     close = _closest(word, options)
     return f" (did you mean {close!r}?)" if close else ""
+
+
+def _suggest_model(name: str) -> str:
+    """`` (did you mean ...?)`` for an unknown model: a known size with a wrong patch size gets the closest
+    patch sizes of that size (``DiT-XL/3`` -> ``'DiT-XL/2' or 'DiT-XL/4'``), anything else the closest name."""
+    size, _, patch = name.rpartition("/")
+    patches = sorted(int(m.rpartition("/")[2]) for m in ALL_MODELS if m.rpartition("/")[0] == size)
+    if not patches or not patch.isdigit():
+        return _suggest(name, ALL_MODELS)
+    gap = min(abs(p - int(patch)) for p in patches)
+    return f" (did you mean {' or '.join(repr(f'{size}/{p}') for p in patches if abs(p - int(patch)) == gap)}?)"
 
 
 def _parse_value(name: str, raw: str, annotation: str) -> Any:
@@ -218,9 +274,13 @@ def validate(cfg: TrainConfig) -> None:
         if value not in options:
             flag, hint = name.replace("_", "-"), _suggest(str(value), options)
             raise UserError(f"--{flag} {value!r}{hint}: choose one of {', '.join(options)}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.model not in ALL_MODELS:
         raise UserError(
-            f"unknown model {cfg.model!r}{_suggest(cfg.model, ALL_MODELS)}; choose one of {', '.join(ALL_MODELS)}"
+            f"unknown model {cfg.model!r}{_suggest_model(cfg.model)}; choose one of {', '.join(ALL_MODELS)}"
         )
     patch = int(cfg.model.split("/")[1])
     factor = VAE_FACTOR if cfg.data == "latents" else 1
@@ -262,11 +322,57 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(
             "--eval-samples (sample accuracy) needs the toy data's classifier; use minidit.evaluate for FID"
         )
-    if cfg.sample_classes:
-        try:
-            [int(c) for c in cfg.sample_classes.split(",")]
-        except ValueError:
-            raise UserError(f"--sample-classes takes comma-separated class ids, got {cfg.sample_classes!r}") from None
+    known = cfg.num_classes or (TOY_CLASSES if cfg.data == "toy" else None)
+    sample_classes(cfg, known)
+
+
+#: The toy data's number of classes (``minidit.toy.NUM_CLASSES``; a test checks they agree).
+TOY_CLASSES = 10
+
+
+def sample_classes(cfg: TrainConfig, num_classes: int | None) -> list[int]:
+    """The class ids of the sample grids' rows (``--sample-classes``, or the first 16 classes), checked
+    against ``num_classes`` (None: not known yet, only the syntax is checked)."""
+    if not cfg.sample_classes:
+        return list(range(min(num_classes or 16, 16)))
+    try:
+        classes = [int(c) for c in cfg.sample_classes.split(",")]
+    except ValueError:
+        raise UserError(f"--sample-classes takes comma-separated class ids, got {cfg.sample_classes!r}") from None
+    bad = [c for c in classes if not 0 <= c < (num_classes or math.inf)]
+    if bad:
+        limit = f"0..{num_classes - 1} (the data has {num_classes} classes)" if num_classes else "0 and up"
+        raise UserError(f"--sample-classes {','.join(map(str, bad))}: class ids must be in {limit}")
+    return classes
+
+
+def _check_type(name: str, value: Any, annotation: str) -> bool:
+    kinds = annotation.replace(" ", "").split("|")
+    return (
+        (value is None and "None" in kinds)
+        or (isinstance(value, bool) and "bool" in kinds)
+        or (isinstance(value, int) and not isinstance(value, bool) and ("int" in kinds or "float" in kinds))
+        or (isinstance(value, float) and "float" in kinds)
+        or (isinstance(value, str) and "str" in kinds)
+    )
+
+
+def config_from_dict(saved: Any, source: str) -> TrainConfig:
+    """The ``TrainConfig`` a run saved (``to_dict`` output in config.json or a checkpoint), type-checked and
+    validated; a damaged or foreign one is a ``UserError`` naming ``source``."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{source}: holds no training config; pass --run-dir NEW_DIR for a new run")
+    saved = {**{k: old(saved) for k, old in ADDED_FIELDS.items() if k not in saved}, **saved}
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    wrong = [k for k, v in saved.items() if k not in types or not _check_type(k, v, types[k])]
+    try:
+        if wrong:
+            raise UserError(", ".join(f"{k}={saved[k]!r}" for k in wrong[:3]) + " not valid")
+        cfg = TrainConfig(**saved)
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{source}: its saved config is invalid ({e}); pass --run-dir NEW_DIR for a new run") from None
+    return cfg
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -303,5 +409,6 @@ def help_text() -> str:
     lines.append("fields (defaults of --config toy):")
     toy = build_config("toy")
     for f in fields(TrainConfig):
-        lines.append(f"  --{f.name.replace('_', '-'):<22} {json.dumps(getattr(toy, f.name))}")
+        flag, default = f"--{f.name.replace('_', '-')}", json.dumps(getattr(toy, f.name))
+        lines.append(f"  {flag:<22} {default:<11} {HELP.get(f.name, '')}".rstrip())
     return "\n".join(lines)

@@ -58,6 +58,10 @@ class UnreadableImageWarning(UserWarning):
     """An image file that could not be decoded and was replaced by the next readable one."""
 
 
+class SkippedLinkWarning(UserWarning):
+    """Folder links inside class folders that were not followed (they can loop, or mix classes)."""
+
+
 def to_signed(arr: np.ndarray) -> torch.Tensor:
     """uint8 pixels ``[H, W, 3]`` -> float32 tensor ``[3, H, W]`` in [-1, 1].
 
@@ -82,11 +86,11 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     3. cut the central ``S x S`` square (the extra pixel of an odd margin goes to the
        bottom/right).
 
-    The image is converted to RGB first, so greyscale, palette and RGBA inputs work.
+    The image is converted to RGB first (:func:`to_rgb`), so greyscale, 16-bit, palette and RGBA inputs work.
     """
     if image_size <= 0:
         raise UserError(f"image size must be positive, got {image_size}")
-    image = pil_image.convert("RGB")
+    image = to_rgb(pil_image)
     while min(image.size) >= 2 * image_size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = image_size / min(image.size)
@@ -95,6 +99,19 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
     return arr[top : top + image_size, left : left + image_size].copy()  # a writable, contiguous copy
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. 16-bit greyscale (PIL modes ``I;16*``, and ``I`` as PIL opens 16-bit PNGs) is
+    scaled from 0..65535 to 0..255: PIL's own ``convert`` clips it at 255, so most such images would come
+    out pure white. (16-bit RGB PNGs PIL already reads as 8-bit RGB.) Float images (mode ``F``) are refused
+    with a ``ValueError``: their range is unknown."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")  # round(v / 257)
+    elif image.mode == "F":
+        raise ValueError("a 32-bit float image: its range is unknown; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
 
 
 def _reason(error: BaseException) -> str:
@@ -107,14 +124,32 @@ def _has_image_extension(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _find_images(folder: str) -> list[str]:
-    """All image files under ``folder`` (recursively, following links), in ImageFolder's order."""
-    found = []
-    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+def _find_images(folder: str) -> tuple[list[str], int]:
+    """All image files under the class folder ``folder`` (at any depth, in ImageFolder's order), and the
+    number of folder links met inside it, which are not followed: a link leading out of the class folder or
+    back into the tree can loop forever or file another class's images under this one. Links to image
+    files are read."""
+    found, links = [], 0
+    for dirpath, dirnames, filenames in sorted(os.walk(folder)):  # followlinks=False
+        links += sum(os.path.islink(os.path.join(dirpath, d)) for d in dirnames)
         for name in sorted(filenames):
             if _has_image_extension(name):
                 found.append(os.path.join(dirpath, name))
-    return found
+    return found, links
+
+
+def _overlapping_classes(root: Path, classes: list[str]) -> str | None:
+    """A description of two class folders (or a class folder and the root) that are the same folder or one
+    inside the other through links, or None. Class folders may be links, but never to each other."""
+    real = {name: os.path.realpath(root / name) for name in classes}
+    top = os.path.realpath(root)
+    for a in classes:
+        if top == real[a] or top.startswith(real[a] + os.sep):
+            return f"class folder {a} links to the dataset folder itself"
+        for b in classes:
+            if a != b and (real[a] == real[b] or real[a].startswith(real[b] + os.sep)):
+                return f"class folder {a} is {'the same folder as' if real[a] == real[b] else 'inside'} {b} ({real[a]})"
+    return None
 
 
 class ImageFolderDataset(Dataset):
@@ -124,6 +159,11 @@ class ImageFolderDataset(Dataset):
     0, 1, ...; each holds image files (``IMG_EXTENSIONS``, any case) at any depth, in sorted
     order. Hidden folders (names starting with ".", e.g. ``.ipynb_checkpoints``) are not
     classes. ``flip_mode = "pixels"``: the trainer does the horizontal flips.
+
+    Links: a class folder may itself be a link (to a folder no other class folder shares);
+    links to folders *inside* class folders are not followed (they can loop, or file another
+    class's images under this one), with one :class:`SkippedLinkWarning` that counts them;
+    links to image files are read. 16-bit greyscale images are scaled to 8 bits (:func:`to_rgb`).
 
     Unreadable images (truncated, corrupt, not really images): a run never stops for one.
     Item ``i`` whose file cannot be decoded is replaced by the next readable file
@@ -158,13 +198,24 @@ class ImageFolderDataset(Dataset):
                 f"{root}: no class subfolders{hint}; lay it out as {root}/<class>/<image> "
                 "(one subfolder, for unconditional data)"
             )
+        overlap = _overlapping_classes(root_path, classes)
+        if overlap:
+            raise DataError(f"{root}: {overlap}; each class needs its own folder of images")
         samples: list[tuple[str, int]] = []
-        empty = []
+        empty, links = [], 0
         for label, name in enumerate(classes):
-            files = _find_images(str(root_path / name))
+            files, n_links = _find_images(str(root_path / name))
+            links += n_links
             if not files:
                 empty.append(name)
             samples.extend((path, label) for path in files)
+        if links:
+            warnings.warn(
+                f"{root}: {links} folder links inside class folders not followed (a link can loop or mix classes); "
+                "put the images themselves, or links to the image files, in the class folders",
+                SkippedLinkWarning,
+                stacklevel=2,
+            )
         if not samples:
             raise DataError(
                 f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its {len(classes)} class folders; "

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import config as C
+from . import rundir
 from .checkpoint import CheckpointError, atomic_write, describe_mismatch, read_file, save_checkpoint
 from .data import latent_x0
 from .diffusion import create_diffusion
@@ -75,6 +77,8 @@ def setup(cfg: C.TrainConfig) -> tuple[Dist, torch.device]:
         want = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible")
+    if want == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps, but this machine has no Apple GPU (MPS); use --device cpu")
     device = torch.device(f"cuda:{d.local_rank}") if want == "cuda" else torch.device(want)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -95,6 +99,37 @@ def fp32_output(model, device_type: str, dtype: torch.dtype | None):
         return out.float()
 
     return forward
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on: its affinity mask (a container's or ``taskset``'s limit),
+    which can be far fewer than the machine's ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_threads(num_workers: int, local_processes: int) -> tuple[int, str | None]:
+    """Intra-op threads for a process training on the CPU, and a warning line for a busy machine (or None).
+
+    The available cores are shared by this node's training processes and their DataLoader workers:
+    ``(cores - workers) // processes``, at least 1 (torch's default, one thread per core of the machine,
+    oversubscribes the cores whenever something else runs). If the 1-minute load average already fills
+    the cores, threads that wait for each other at every operation crawl (48 instead of 900 images/s
+    measured): train with one thread and say so. ``OMP_NUM_THREADS``, when set, is the user's choice."""
+    cores = available_cpus()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), None
+    threads = max(1, (cores - num_workers) // max(1, local_processes))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load < cores or threads == 1:
+        return threads, None
+    return 1, (
+        f"the machine is busy (load average {load:.1f} on {cores} cores): training with 1 thread instead of "
+        f"{threads}, so it does not fight the other processes; it is slower than on an idle machine. "
+        "Set OMP_NUM_THREADS=N to choose"
+    )
 
 
 def autocast_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -209,6 +244,16 @@ def describe_data(cfg: C.TrainConfig, dataset) -> DataSpec:
     return spec
 
 
+def count_line(targets, class_names: list[str], shown: int = 12) -> str:
+    """``"1,797 images in 10 classes (0: 178, 1: 182, ...)"``: printed at start-up, so that a class
+    folder holding the wrong images (a link to another class, a misplaced copy) shows."""
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long), minlength=len(class_names)).tolist()
+    parts = [f"{name}: {n:,}" for name, n in zip(class_names[:shown], counts)]
+    if len(class_names) > shown:
+        parts.append(f"... {len(class_names) - shown} more; smallest {min(counts):,}, largest {max(counts):,}")
+    return f"{sum(counts):,} images in {len(class_names)} classes ({', '.join(parts)})"
+
+
 # --------------------------------------------------------------------------
 # Model pieces
 # --------------------------------------------------------------------------
@@ -254,9 +299,11 @@ def update_ema(ema: DiT, model: DiT, decay: float) -> None:
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, step: int):
-        super().__init__(step)
-        self.step = step
+    """``what`` ("the loss", or the weights that hold a NaN/inf) became non-finite at ``step``."""
+
+    def __init__(self, step: int, what: str = "the loss"):
+        super().__init__(step, what)
+        self.step, self.what = step, what
 
 
 class Trainer:
@@ -267,6 +314,13 @@ class Trainer:
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.micro, self.accum = C.batch_layout(cfg, self.d.world_size)
         self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.lock: int | None = None
+        self.saved_threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            threads, busy = cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(threads)
+            if busy and self.d.is_main:
+                warnings.warn(busy, rundir.RunWarning, stacklevel=2)
         if self.device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -277,32 +331,65 @@ class Trainer:
         if self.d.is_main:
             print(message, flush=True)
 
+    def take_run_dir(self) -> None:
+        """Rank 0 locks the run directory before anything in it is read or cleaned (a second trainer on it
+        is refused, naming the pid) and checks that it can write there; the other ranks do not write, and
+        wait until the lock is held (if rank 0 is refused, torchrun stops them)."""
+        if self.d.is_main:
+            self.lock = rundir.lock(self.run_dir)
+            for sub in ("checkpoints", "samples"):
+                rundir.make_writable_dir(self.run_dir / sub)
+        if self.d.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Release the run directory (and the thread setting) at the end of ``main``."""
+        rundir.unlock(self.lock)
+        self.lock = None
+        torch.set_num_threads(self.saved_threads)
+
+    def check_same_run(self, saved: dict[str, Any], source: Path) -> None:
+        """Refuse a run directory whose saved config (from config.json or the checkpoint) differs."""
+        diff = C.differences(C.to_dict(C.config_from_dict(saved, str(source))), self.cfg)
+        if diff:
+            raise UserError(
+                f"{self.run_dir} belongs to a different config ({'; '.join(diff[:3])}); "
+                "pass --run-dir NEW_DIR for a new run, or the same settings to resume"
+            )
+
     def check_run_dir(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from (None: a fresh run). Refuses a run directory of another config."""
+        """The checkpoint to resume from (None: a fresh run). Refuses a run directory of another config:
+        the config in config.json and the checkpoint's own (which decides when config.json is lost)."""
         saved_cfg = self.run_dir / "config.json"
         if saved_cfg.is_file():
             try:
                 saved = json.loads(saved_cfg.read_text())["config"]
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 raise UserError(f"{saved_cfg}: unreadable; move the run directory aside or pass --run-dir") from None
-            diff = C.differences(saved, self.cfg)
-            if diff:
-                raise UserError(
-                    f"{self.run_dir} belongs to a different config ({'; '.join(diff[:3])}); "
-                    "pass --run-dir NEW_DIR for a new run, or the same settings to resume"
-                )
+            self.check_same_run(saved, saved_cfg)
         if not self.ckpt_path.is_file():
             return None
         try:
             ckpt = read_file(self.ckpt_path)
         except CheckpointError as e:
             raise UserError(f"cannot resume: {e}") from None
-        if ckpt.get("version") != CHECKPOINT_VERSION or "model" not in ckpt:
-            raise UserError(f"{self.ckpt_path}: not a minidit training checkpoint; pass --run-dir NEW_DIR")
+        rundir.check_resumable(ckpt, self.ckpt_path, CHECKPOINT_VERSION)
+        self.check_same_run(ckpt.get("config"), self.ckpt_path)
         return ckpt
 
+    def nonfinite_weights(self) -> list[str]:
+        """Which of the model, EMA and optimizer state hold a NaN/inf (the same on every process)."""
+        opt_state = [v for state in self.opt.state.values() for v in state.values() if torch.is_tensor(v)]
+        parts = {"model": [*self.raw.state_dict().values()], "EMA": [*self.ema.state_dict().values()],
+                 "optimizer state": opt_state}  # fmt: skip
+        return rundir.nonfinite_parts(parts)
+
     def save(self, step: int) -> None:
-        """Checkpoint everything a resumed run needs, atomically (rank 0 writes, all wait)."""
+        """Checkpoint everything a resumed run needs, atomically (rank 0 writes, all wait). Weights with a
+        NaN/inf are never written: every process stops with ``NonFiniteLoss``, the last checkpoint stays."""
+        broken = self.nonfinite_weights()
+        if broken:
+            raise NonFiniteLoss(step, f"the weights ({', '.join(broken)})")
         if self.d.is_main:
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -335,9 +422,16 @@ class Trainer:
 
     def prepare(self) -> int:
         cfg = self.cfg
+        self.take_run_dir()
         resume = self.check_run_dir()
         self.dataset = None if cfg.data == "toy" else load_dataset(cfg)
         self.spec = describe_data(cfg, self.dataset)
+        self.grid_rows = C.sample_classes(cfg, self.spec.num_classes)
+        if self.dataset is not None:
+            self.log(f"data: {count_line(self.dataset.targets, self.spec.class_names)}")
+        if not self.guided:
+            self.log("note: --class-dropout-prob 0 trains no null class: sample grids and evaluation are drawn "
+                     "without guidance")  # fmt: skip
         if self.spec.latent:
             self.log(f"latents: {self.dataset.describe()}")
 
@@ -356,7 +450,7 @@ class Trainer:
                 if problem:
                     raise UserError(f"{self.ckpt_path}: {name} does not fit {cfg.model}: {problem}")
                 module.load_state_dict(resume[name])
-            self.opt.load_state_dict(resume["opt"])
+            rundir.load_optimizer(self.opt, resume["opt"], self.ckpt_path)
             if self.scaler is not None and resume.get("scaler"):
                 self.scaler.load_state_dict(resume["scaler"])
             torch.set_rng_state(resume["rng"]["cpu"])
@@ -375,8 +469,6 @@ class Trainer:
         self.diffusion = create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
 
         if self.d.is_main:
-            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a kill during a write
                 stale.unlink()
             meta = {"config": C.to_dict(cfg), "preset": self.preset, "command": " ".join(sys.argv)}
@@ -517,7 +609,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             last = f"{self.ckpt_path} (step {self.saved_step()})" if self.ckpt_path.is_file() else "none written yet"
-            self.log(f"error: the loss became NaN/inf at step {e.step}; stopped. Last good checkpoint: {last}")
+            self.log(f"error: {e.what} became NaN/inf at step {e.step}; stopped. Last good checkpoint: {last}")
             return 3
         finally:
             if bar is not None:
@@ -551,30 +643,29 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def trim_log(self, step: int) -> None:
-        """On resume, drop log rows past the checkpoint (those steps are trained again)."""
+        """On resume, drop log rows past the checkpoint (those steps are trained again), and a torn last line."""
         if self.log_path.is_file():
-            rows = [r for r in self.log_path.read_text().splitlines() if r.strip()]
-            keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in keep)))
+            keep = [json.dumps(r) + "\n" for r in rundir.read_log(self.log_path) if r["step"] <= step]
+            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(keep)))
 
     def plot_loss(self) -> Path | None:
         if not self.d.is_main or not self.log_path.is_file():
             return None
         from .plots import plot_loss_curve
 
-        rows = [json.loads(r) for r in self.log_path.read_text().splitlines() if r.strip()]
+        rows = rundir.read_log(self.log_path)
         out = self.run_dir / "loss.png"
         plot_loss_curve(rows, out, title=f"{self.cfg.model} on {self.cfg.data}")
         return out
 
-    def grid_classes(self) -> list[int]:
-        if self.cfg.sample_classes:
-            classes = [int(c) for c in self.cfg.sample_classes.split(",")]
-            bad = [c for c in classes if not 0 <= c < self.spec.num_classes]
-            if bad:
-                raise UserError(f"--sample-classes {bad} outside 0..{self.spec.num_classes - 1}")
-            return classes
-        return list(range(min(self.spec.num_classes, 16)))
+    @property
+    def guided(self) -> bool:
+        """Whether the model learns the null class that classifier-free guidance needs (label dropout > 0)."""
+        return self.cfg.class_dropout_prob > 0
+
+    def guidance_scales(self) -> list[float]:
+        """The scales grids and evaluation are drawn with: none (1) and ``cfg_scale``, when the model can be guided."""
+        return [1.0, self.cfg.cfg_scale] if self.guided and self.cfg.cfg_scale != 1.0 else [1.0]
 
     def generate(self, labels: torch.Tensor, cfg_scale: float, seed: int) -> torch.Tensor:
         """EMA samples for ``labels`` [N] -> images [N, 3, H, W] in [-1, 1] (decoded for latent models)."""
@@ -606,10 +697,10 @@ class Trainer:
             return None
         from .plots import save_class_grid
 
-        classes = self.grid_classes()
+        classes = self.grid_rows
         n = self.cfg.samples_per_class
         labels = torch.tensor(classes).repeat_interleave(n)
-        scales = [1.0, self.cfg.cfg_scale] if self.cfg.cfg_scale != 1.0 else [1.0]
+        scales = self.guidance_scales()
         seed = self.cfg.seed + 1
         panels = [(f"CFG scale {s:g}" + (" (no guidance)" * (s == 1)), self.generate(labels, s, seed)) for s in scales]
         out = self.run_dir / "samples" / (name or f"step_{step:07d}.png")
@@ -626,7 +717,7 @@ class Trainer:
         labels = torch.arange(n) % self.spec.num_classes
         classifier = toy.load_classifier(image_size=self.cfg.image_size)
         result = {}
-        for scale in (self.cfg.cfg_scale, 1.0):
+        for scale in self.guidance_scales():
             images = self.generate(labels, scale, seed=self.cfg.seed + 2)
             pred = toy.classify(images.cpu(), classifier)
             result[f"accuracy_cfg{scale:g}"] = (pred == labels).float().mean().item()
@@ -639,14 +730,14 @@ class Trainer:
                 dist.barrier()
             return
         summary_path = self.run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() and not trained else {}
+        summary = {} if trained else rundir.read_summary(summary_path)
         if trained or not summary:
             grid = self.sample_grid(step, name="final.png")
             curve = self.plot_loss()
             summary = {"step": step, "config": self.preset, "grid": str(grid) if grid else None,
                        "loss_curve": str(curve) if curve else None}  # fmt: skip
             if self.log_path.is_file():
-                rows = [json.loads(r) for r in self.log_path.read_text().splitlines() if r.strip()]
+                rows = rundir.read_log(self.log_path)
                 if rows:
                     summary["final_loss"] = rows[-1]["loss"]
                     summary["img_per_s"] = sorted(r["img_per_s"] for r in rows)[len(rows) // 2]
@@ -662,10 +753,12 @@ class Trainer:
         if "img_per_s" in summary:
             print(f"  throughput    {summary['img_per_s']:.1f} images/s (median over log intervals)")
         scale = f"{self.cfg.cfg_scale:g}"
-        if f"accuracy_cfg{scale}" in summary:
+        if "accuracy_cfg1" in summary:
+            guided = f"accuracy_cfg{scale}"
+            with_cfg = f"{summary[guided]:.1%} with CFG {scale}, " if guided in summary and scale != "1" else ""
             print(
                 f"  sample accuracy (toy classifier, {self.cfg.eval_samples} EMA samples): "
-                f"{summary[f'accuracy_cfg{scale}']:.1%} with CFG {scale}, {summary['accuracy_cfg1']:.1%} without"
+                f"{with_cfg}{summary['accuracy_cfg1']:.1%} without"
             )
         if self.d.world_size > 1:
             dist.barrier()
@@ -690,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+        trainer.close()
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -1,9 +1,64 @@
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import minidit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The checkout's folders for user runs and datasets: tests never read or write them (shipped files
+#: such as data/toy_classifier.safetensors are read by absolute path, never through the working directory).
+GUARDED = (ROOT / "runs", ROOT / "data")
+
+_PASSED = pytest.StashKey[dict]()
+
+
+def snapshot(roots=GUARDED) -> dict[str, int | None]:
+    """Modification times of ``roots``, their entries and their subfolders' entries (two levels: cheap
+    even when data/ holds a dataset). Creating, deleting, renaming or rewriting anything there changes it."""
+    state: dict[str, int | None] = {}
+    for root in roots:
+        if not root.is_dir():
+            state[str(root)] = None
+            continue
+        state[str(root)] = root.stat().st_mtime_ns
+        for entry in os.scandir(root):
+            state[entry.path] = entry.stat(follow_symlinks=False).st_mtime_ns
+            if entry.is_dir(follow_symlinks=False):
+                for sub in os.scandir(entry.path):
+                    state[sub.path] = sub.stat(follow_symlinks=False).st_mtime_ns
+    return state
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    item.stash.setdefault(_PASSED, {})[report.when] = report.passed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def isolated(request, tmp_path):
+    """Every test runs in its own empty working directory (its ``tmp_path``), so default paths such as
+    ``runs/toy`` or ``data/cifar10`` land there; it fails if the checkout's runs/ or data/ changed; and a
+    passed test's ``tmp_path`` is deleted (checkpoints add up: a failed test's stays, to be looked at)."""
+    before, cwd = snapshot(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        yield tmp_path
+    finally:
+        os.chdir(cwd)
+    after = snapshot()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, -1) != after.get(k, -1))
+    if changed:
+        pytest.fail(f"the test changed the checkout's runs/ or data/: {', '.join(changed[:5])}")
+    if request.node.stash.get(_PASSED, {}).get("call", False):
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def perturbed(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:

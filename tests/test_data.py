@@ -30,11 +30,13 @@ from minidit.data import (
     CIFAR10Dataset,
     ImageFolderDataset,
     LatentShards,
+    SkippedLinkWarning,
     UnreadableImageWarning,
     build_dataset,
     center_crop_arr,
     cifar10,
     load_cifar10_arrays,
+    to_rgb,
     to_signed,
 )
 from minidit.errors import DataError, UserError, run_cli
@@ -201,6 +203,69 @@ def test_image_folder_errors_name_the_path(tmp_path):
     with pytest.raises(DataError, match="no image files") as e:
         ImageFolderDataset(empty, 32)
     assert str(empty) in str(e.value) and one_line(str(e.value))
+
+
+def class_counts(ds: ImageFolderDataset) -> dict[str, int]:
+    return {name: ds.targets.count(label) for label, name in enumerate(ds.class_names)}
+
+
+def test_image_folder_links_inside_classes_are_not_followed(tmp_path):
+    """A link from one class folder back into the tree filed every dog under "cat" as well (followlinks=True)."""
+    root = make_folder(tmp_path / "imgs", counts=(1, 3), size=16)  # c0: 1 image, c1: 3
+    (root / "c0" / "loop").symlink_to("../c1")  # back into the tree: another class
+    (root / "c1" / "nested" / "up").symlink_to("../..")  # a loop
+    outside = make_folder(tmp_path / "elsewhere", counts=(2,), size=16)
+    (root / "c1" / "more").symlink_to(outside / "c0")  # out of the tree
+    with pytest.warns(SkippedLinkWarning, match="3 folder links inside class folders not followed"):
+        ds = ImageFolderDataset(root, 16)
+    assert class_counts(ds) == {"c0": 1, "c1": 3}
+
+
+def test_image_folder_with_two_loops_builds(tmp_path):
+    """Two links to their parent in one folder: followed, the walk doubles at every level and never ends."""
+    root = make_folder(tmp_path / "imgs", counts=(2, 2), size=16)
+    (root / "c0" / "a").symlink_to(".")
+    (root / "c0" / "b").symlink_to(".")
+    with pytest.warns(SkippedLinkWarning, match="2 folder links"):
+        ds = ImageFolderDataset(root, 16)
+    assert class_counts(ds) == {"c0": 2, "c1": 2}
+
+
+def test_image_folder_class_folders_may_be_links_but_not_to_each_other(tmp_path):
+    store = make_folder(tmp_path / "store", counts=(2, 3), size=16)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "cat").symlink_to(store / "c0")
+    (root / "dog").symlink_to(store / "c1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert class_counts(ImageFolderDataset(root, 16)) == {"cat": 2, "dog": 3}
+    (root / "wolf").symlink_to(store / "c1" / "nested")
+    with pytest.raises(DataError, match="class folder wolf is inside dog") as e:
+        ImageFolderDataset(root, 16)
+    assert one_line(str(e.value))
+    (root / "wolf").unlink()
+    (root / "all").symlink_to(root)
+    with pytest.raises(DataError, match="class folder all links to the dataset folder itself"):
+        ImageFolderDataset(root, 16)
+
+
+def test_16_bit_greyscale_images_are_scaled_not_white(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "grey").mkdir(parents=True)
+    levels = np.array([[0, 257 * 64], [32896, 65535]], dtype=np.uint16)  # -> 0, 64, 128, 255
+    Image.fromarray(np.kron(levels, np.ones((8, 8), np.uint16))).save(root / "grey" / "wide.png")
+    with Image.open(root / "grey" / "wide.png") as im:
+        assert im.mode.startswith("I")  # PIL reads it as 16-bit greyscale
+    x, _ = ImageFolderDataset(root, 16)[0]
+    corners = x[0, ::8, ::8]  # [2, 2] in [-1, 1]
+    assert torch.equal(corners, to_signed(np.array([[[0], [64]], [[128], [255]]], np.uint8).repeat(3, -1))[0])
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+def test_float_images_are_refused_as_unreadable():
+    with pytest.raises(ValueError, match="32-bit float image"):
+        to_rgb(Image.fromarray(np.zeros((4, 4), np.float32)))
 
 
 # --------------------------------------------------------------------------

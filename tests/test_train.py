@@ -1,5 +1,6 @@
 """The trainer: configs, outputs, exact resume (also after SIGKILL), DDP on gloo, bad input."""
 
+import copy
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from minidit import config as C
 from minidit import train
 from minidit.checkpoint import read_file
 from minidit.errors import UserError, run_cli
+from minidit.rundir import RunWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +92,12 @@ def test_presets_are_valid_and_overridable():
         (["--max-steps", "1.5"], "--max-steps: expected int"),
         (["--compile", "maybe"], "--compile: expected bool"),
         (["--config", "cifar"], "did you mean 'cifar10'"),
-        (["--model", "DiT-XL/3"], "unknown model 'DiT-XL/3' (did you mean"),
+        (["--model", "DiT-XL/3"], "unknown model 'DiT-XL/3' (did you mean 'DiT-XL/2' or 'DiT-XL/4'?)"),
+        (["--model", "DiT-XL/9"], "(did you mean 'DiT-XL/8'?)"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--cfg-scale", "-inf"], "--cfg-scale must be a finite number"),
+        (["--sample-classes", "0,99"], "--sample-classes 99: class ids must be in 0..9 (the data has 10 classes)"),
         (["--image-size", "30"], "--image-size 30 is not divisible by the patch size 4 of DiT-Ti/4"),
         (["--config", "imagenet256-xl2", "--image-size", "200"], "not divisible by patch size 2 x VAE factor 8 = 16"),
         (["--data", "folder"], "--data folder needs --data-path"),
@@ -118,10 +125,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_help_lists_every_field(capsys):
+def test_help_lists_every_field_with_a_description(capsys):
     assert train.main(["--help"]) == 0
-    text = capsys.readouterr().out
-    assert all(f"--{f.replace('_', '-')}" in text for f in C.to_dict(C.TrainConfig()))
+    lines = capsys.readouterr().out.splitlines()
+    for field in C.to_dict(C.TrainConfig()):
+        line = next((x for x in lines if x.split()[:1] == [f"--{field.replace('_', '-')}"]), None)
+        assert line is not None, field
+        assert len(line.split()) >= 4, f"no description: {line!r}"  # flag, default, then words
+
+
+def test_toy_class_count_matches_the_toy_data():
+    from minidit import toy
+
+    assert C.TOY_CLASSES == toy.NUM_CLASSES
 
 
 # --------------------------------------------------------------------------
@@ -317,11 +333,12 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def test_train_on_an_image_folder(tmp_path):
+def test_train_on_an_image_folder(tmp_path, capsys):
     from conftest import make_folder
 
     data = make_folder(tmp_path / "imgs", counts=(5, 5, 6), size=40)
     run_dir = run_train(tmp_path, "--data", "folder", "--data-path", str(data), "--max-steps", "2", "--log-every", "1")
+    assert "data: 16 images in 3 classes (c0: 5, c1: 5, c2: 6)" in capsys.readouterr().out
     ckpt = final_state(run_dir)
     assert ckpt["class_names"] == ["c0", "c1", "c2"]
     assert ckpt["model"]["y_embedder.embedding_table.weight"].shape[0] == 4  # 3 classes + null
@@ -361,3 +378,240 @@ def test_disk_full_while_logging_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(train.Trainer, "write_log", write_log)
     with pytest.raises(UserError, match=r"no space left on device \(.*log.jsonl\); checkpoints are intact"):
         train.main([*TINY, "--run-dir", str(tmp_path / "run")])
+
+
+def test_sample_classes_outside_the_data_fail_before_training(tmp_path):
+    from conftest import make_folder
+
+    data = make_folder(tmp_path / "imgs", counts=(2, 2, 2), size=40)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"--sample-classes 5: class ids must be in 0..2 \(the data has 3 classes\)"):
+        train.main([*TINY, "--data", "folder", "--data-path", str(data), "--sample-classes", "0,5",
+                    "--run-dir", str(run_dir)])  # fmt: skip
+    assert not (run_dir / "log.jsonl").exists() and not (run_dir / "checkpoints" / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------
+# Run directories: one writer, damaged files, nothing but finite weights
+# --------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from minidit import rundir
+rundir.lock(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_second_trainer_is_refused_naming_the_pid_and_a_sigkill_frees_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"{run_dir} is in use by another training process \(pid {holder.pid}\)"):
+            train.main([*TINY, "--run-dir", str(run_dir)])
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing read, cleaned or written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    from minidit import rundir
+
+    rundir.unlock(rundir.lock(run_dir))  # the kill released it: no stale lock
+
+
+def test_weights_with_nan_are_never_checkpointed(tmp_path, monkeypatch, capsys):
+    """The loss guard cannot see the EMA (or a step that breaks the weights just before a save)."""
+    real, calls = train.update_ema, []
+
+    def update_ema(ema, model, decay):
+        real(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 5:  # the 5th step: after the checkpoint at step 3, before the one at step 6
+            next(ema.parameters()).data[0] = float("inf")
+
+    monkeypatch.setattr(train, "update_ema", update_ema)
+    run_dir = tmp_path / "run"
+    assert train.main([*TINY, "--run-dir", str(run_dir)]) == 3
+    out = capsys.readouterr().out
+    assert "error: the weights (EMA) became NaN/inf at step 6; stopped." in out and "(step 3)" in out
+    ckpt = final_state(run_dir)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+
+
+def test_resume_without_config_json_checks_the_checkpoints_config(tmp_path):
+    run_dir = run_train(tmp_path, "--max-steps", "3")
+    (run_dir / "config.json").unlink()
+    with pytest.raises(UserError, match=r"belongs to a different config \(lr: 0.002 there, 0.01 here\)"):
+        train.main([*TINY, "--run-dir", str(run_dir), "--lr", "0.01"])
+    assert train.main([*TINY, "--run-dir", str(run_dir)]) == 0  # the same settings resume
+    assert final_state(run_dir)["step"] == 6
+
+
+def damage(ckpt: dict, how: str) -> None:
+    if how == "no rng":
+        del ckpt["rng"]
+    elif how == "bad step":
+        ckpt["step"] = "three"
+    elif how == "negative step":
+        ckpt["step"] = -3
+    elif how == "optimizer shapes":
+        ckpt["opt"]["state"][0]["exp_avg"] = torch.zeros(3)
+    elif how == "optimizer groups":
+        ckpt["opt"]["param_groups"][0]["params"] = ckpt["opt"]["param_groups"][0]["params"][:-1]
+    elif how == "bad schedule":
+        ckpt["config"]["noise_schedule"] = "quadratic"
+    elif how == "bad step count":
+        ckpt["config"]["diffusion_steps"] = "many"
+    elif how == "no config":
+        ckpt["config"] = None
+
+
+DAMAGES = ["no rng", "bad step", "negative step", "optimizer shapes", "optimizer groups", "bad schedule",
+           "bad step count", "no config"]  # fmt: skip
+
+
+def test_damaged_checkpoints_are_one_line_and_kept(tmp_path, capsys):
+    from minidit.checkpoint import save_checkpoint
+
+    run_dir = run_train(tmp_path, "--max-steps", "3")
+    path = run_dir / "checkpoints" / "last.pt"
+    good = read_file(path)
+    capsys.readouterr()
+    for how in DAMAGES:
+        ckpt = copy.deepcopy(good)
+        damage(ckpt, how)
+        save_checkpoint(ckpt, path)
+        before = path.read_bytes()
+        assert run_cli(train.main, [*TINY, "--run-dir", str(run_dir)]) == 2, how
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0], (how, err)
+        assert "cannot resume" in err[0] or "saved config is invalid" in err[0] or "no training config" in err[0]
+        assert path.read_bytes() == before, how  # never costs the checkpoint
+
+
+def test_torn_last_log_line_is_dropped_with_a_warning(tmp_path):
+    run_dir = run_train(tmp_path, "--max-steps", "3")
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.9')  # a crash or a full disk in the middle of an append
+    with pytest.warns(RunWarning, match="log.jsonl: dropped its torn last line"):
+        assert run_cli(train.main, [*TINY, "--run-dir", str(run_dir)]) == 0
+    assert [json.loads(r)["step"] for r in (run_dir / "log.jsonl").read_text().splitlines()] == [2, 3, 4, 6]
+
+
+def test_corrupt_summary_is_written_again(tmp_path):
+    run_dir = run_train(tmp_path)
+    (run_dir / "summary.json").write_text('{"step": 6, "gri')
+    with pytest.warns(RunWarning, match="summary.json: unreadable; it is written again"):
+        assert run_cli(train.main, [*TINY, "--run-dir", str(run_dir)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 6
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert run_cli(train.main, [*TINY, "--run-dir", str(afile)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write the run directory {afile} (a file is in the way: it is not a directory); "
+                   "pass --run-dir with a writable directory"]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoints"])
+def test_unwritable_run_dir_fails_before_training(where, tmp_path, monkeypatch):
+    """Root ignores permissions (chmod proves nothing then), so the refusal is simulated where files are
+    created; the point is that it is found at start-up, not at the first checkpoint."""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if Path(dir).name == where:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"cannot write the run directory {run_dir}.*\(Permission denied\)"):
+        train.main([*TINY, "--run-dir", str(run_dir)])
+    assert not (run_dir / "log.jsonl").exists()
+
+
+def test_no_label_dropout_trains_and_samples_without_guidance(tmp_path, capsys):
+    run_dir = run_train(tmp_path, "--class-dropout-prob", "0", "--eval-samples", "10")
+    out = capsys.readouterr().out
+    assert "drawn without guidance" in out
+    assert (run_dir / "samples" / "final.png").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "accuracy_cfg1" in summary and "accuracy_cfg4" not in summary
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_device_mps_without_one_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="--device mps, but this machine has no Apple GPU"):
+        train.main([*TINY, "--run-dir", str(tmp_path / "run"), "--device", "mps"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_one_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="--device cuda, but no CUDA GPU is visible"):
+        train.main([*TINY, "--run-dir", str(tmp_path / "run"), "--device", "cuda"])
+
+
+# --------------------------------------------------------------------------
+# CPU threads
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cores,load,workers,processes,expected,warns",
+    [
+        (8, 0.5, 0, 1, 8, False),  # the affinity mask, not the machine's 64 cores
+        (8, 0.5, 2, 1, 6, False),  # DataLoader workers get their cores
+        (8, 0.5, 0, 2, 4, False),  # two training processes on the node share them
+        (8, 9.0, 0, 1, 1, True),  # a busy machine: one thread, and a warning that says so
+        (1, 5.0, 0, 1, 1, False),  # one core: nothing to lower, nothing to say
+    ],
+)
+def test_cpu_threads_never_oversubscribe(cores, load, workers, processes, expected, warns, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    threads, warning = train.cpu_threads(workers, processes)
+    assert threads == expected
+    assert (warning is not None) == warns
+    if warns:
+        assert f"load average {load:.1f} on {cores} cores" in warning and "OMP_NUM_THREADS" in warning
+
+
+def test_cpu_threads_respect_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    assert train.cpu_threads(0, 1) == (torch.get_num_threads(), None)
+
+
+# --------------------------------------------------------------------------
+# Test isolation (tests/conftest.py)
+# --------------------------------------------------------------------------
+
+
+def test_tests_run_in_their_own_empty_directory(tmp_path):
+    assert Path.cwd() == tmp_path and Path.cwd() != ROOT
+
+
+def test_the_guard_sees_any_change_in_a_guarded_folder(tmp_path):
+    from conftest import snapshot
+
+    roots = (tmp_path / "runs", tmp_path / "data")
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    before = snapshot(roots)
+    assert snapshot(roots) == before
+    (tmp_path / "data" / "cifar10" / "x").write_text("x")
+    after = snapshot(roots)
+    assert after != before
+    (tmp_path / "runs" / "toy").mkdir(parents=True)
+    assert snapshot(roots) != after
