@@ -60,18 +60,18 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     ends are kept). "ddimN" instead keeps range(0, T, k) for the integer stride k
     that gives exactly N steps (the DDIM paper's striding).
     """
-    if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            want = int(section_counts[len("ddim") :])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == want:
-                    return set(range(0, num_timesteps, stride))
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        want = int(section_counts.removeprefix("ddim"))
+        strides = [k for k in range(1, num_timesteps) if len(range(0, num_timesteps, k)) == want]
+        if not strides:
             raise ValueError(f"cannot create exactly {want} steps with an integer stride")
-        section_counts = [int(x) for x in section_counts.split(",")]
+        return set(range(0, num_timesteps, strides[0]))
+    if isinstance(section_counts, str):
+        section_counts = [int(part) for part in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, kept = 0, []
     for i, count in enumerate(section_counts):
-        size = size_per + (1 if i < extra else 0)
+        size = size_per + int(i < extra)  # the first `extra` sections are one step longer
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
@@ -107,18 +107,15 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """log-likelihood (nats) of data x in [-1, 1], quantised to 256 levels (bin width 2/255),
     under N(means, exp(log_scales)^2); the two end bins extend to -inf and +inf."""
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
-    return torch.where(
-        x < -0.999,
-        log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
-    )
+    d, inv_std = x - means, torch.exp(-log_scales)
+    upper = approx_standard_normal_cdf(inv_std * (d + 1.0 / 255.0))  # Phi at the bin's upper edge
+    lower = approx_standard_normal_cdf(inv_std * (d - 1.0 / 255.0))  # and at its lower edge
+
+    def log(p: torch.Tensor) -> torch.Tensor:
+        return torch.log(p.clamp(min=1e-12))
+
+    # x = -1: the bin reaches down to -inf; x = +1: up to +inf; otherwise Phi(upper) - Phi(lower).
+    return torch.where(x < -0.999, log(upper), torch.where(x > 0.999, log(1.0 - lower), log(upper - lower)))
 
 
 # --------------------------------------------------------------------------
@@ -432,7 +429,6 @@ def create_diffusion(
     """The DiT diffusion: ``create_diffusion("")`` for training (1000 steps), ``"250"`` for
     the paper's sampler, ``"ddim50"`` or ``"50"`` for fast sampling, or a list of section counts."""
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
-    if timestep_respacing is None or timestep_respacing == "":
-        timestep_respacing = [diffusion_steps]
-    new_betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))
+    keep = space_timesteps(diffusion_steps, timestep_respacing) if timestep_respacing else range(diffusion_steps)
+    new_betas, timestep_map = respace_betas(betas, keep)
     return GaussianDiffusion(new_betas, learn_sigma=learn_sigma, timestep_map=timestep_map)

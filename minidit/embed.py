@@ -77,10 +77,10 @@ def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """
     if embed_dim % 2:
         raise ValueError(f"embed_dim must be even, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega  # [D/2]
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # [M, D/2]
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    half = embed_dim // 2
+    omega = 1.0 / np.power(10000.0, np.arange(half, dtype=np.float64) / half)  # [D/2]
+    angles = np.outer(pos.astype(np.float64), omega)  # [M, D/2]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
@@ -146,19 +146,22 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        rows = num_classes + 1 if dropout_prob > 0 else num_classes  # + the null label, when labels can drop
+        self.embedding_table = nn.Embedding(rows, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """labels [B] -> [B], the dropped ones replaced by the null label ``num_classes``."""
         if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            # One uniform draw per label from the global generator, kept when >= p: the reference
+            # draws the same way, so one seed drops the same labels in both.
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+            drop = force_drop_ids.eq(1)
+        return labels.masked_fill(drop, self.num_classes)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+        if force_drop_ids is not None or (train and self.dropout_prob > 0):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)

@@ -29,7 +29,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     x: [B, T, D]; shift, scale: [B, D], broadcast over the T tokens. The ``1 +``
     makes a zero scale mean "leave x alone", which adaLN-Zero relies on.
     """
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class Mlp(nn.Module):
@@ -67,10 +67,19 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        # The released weights fix the layout of the 6D regressed values: the attention branch's
+        # (shift, scale, gate) first, then the MLP branch's, D values each.
+        attn_params, mlp_params = self.adaLN_modulation(c).chunk(2, dim=1)  # [B, 3D] each
+        x = _residual_branch(x, self.norm1, self.attn, attn_params)
+        return _residual_branch(x, self.norm2, self.mlp, mlp_params)
+
+
+def _residual_branch(x: torch.Tensor, norm: nn.Module, sublayer: nn.Module, params: torch.Tensor) -> torch.Tensor:
+    """One adaLN-Zero branch: x + gate * sublayer(modulate(norm(x), shift, scale)).
+
+    x: [B, T, D]; params: [B, 3D] = (shift, scale, gate) -> [B, T, D]."""
+    shift, scale, gate = params.chunk(3, dim=1)
+    return x + gate[:, None] * sublayer(modulate(norm(x), shift, scale))
 
 
 class FinalLayer(nn.Module):
@@ -86,7 +95,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # this order: the released weights'
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -121,7 +130,7 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_classes = num_classes
@@ -131,9 +140,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table, kept as a frozen parameter: it is in the state dict.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
             [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, attn_backend=attn_backend) for _ in range(depth)]
         )
@@ -144,35 +152,32 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """Xavier-uniform Linears with zero bias; N(0, 0.02) label table and timestep MLP;
-        the sin-cos position table; and zeros for every adaLN regressor and the output layer."""
+        the sin-cos position table; and zeros for every adaLN regressor and the output layer.
 
-        def _basic_init(module: nn.Module) -> None:
+        The random draws come in the reference's order, so one seed gives the reference's weights."""
+        # 1. Every Linear, in module order (leaves come in the same order pre- or post-order).
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-
-        pos = get_2d_sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-
-        # The patch embedding is a Linear on flattened patches: initialise it as one.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        # 2. The fixed position table (no draws).
+        table = get_2d_sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size)  # [T, D] float64
+        self.pos_embed.data.copy_(torch.from_numpy(table).float()[None])
+        # 3. The patch embedding is a Linear on flattened patches: Xavier over its [D, C*p*p] view.
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.data.view(proj.out_channels, -1))
+        nn.init.zeros_(proj.bias)
+        # 4. N(0, 0.02): the label table, then the timestep MLP's two weights.
+        for weight in (self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight,
+                       self.t_embedder.mlp[2].weight):  # fmt: skip
+            nn.init.normal_(weight, std=0.02)
+        # 5. adaLN-Zero: every regressor and the output Linear start at zero (no draws).
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     # -- switches ------------------------------------------------------------------
 
@@ -242,17 +247,17 @@ class DiT(nn.Module):
         to guide all ``in_channels`` epsilon channels, as diffusers does (scale
         1.375 on all four channels is roughly equivalent to 1.5 on three).
         """
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
         n = self.in_channels if guided_channels is None else guided_channels
         if not 0 < n <= self.in_channels:
             raise ValueError(f"guided_channels must be in 1..{self.in_channels} or None, got {guided_channels}")
-        eps, rest = model_out[:, :n], model_out[:, n:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        if x.shape[0] % 2:
+            raise ValueError(f"forward_with_cfg needs an even batch (real labels, then null labels), got {x.shape[0]}")
+        B = x.shape[0] // 2
+        z = x[:B]
+        out = self.forward(torch.cat([z, z]), t, y)  # [2B, out_channels, I, I]
+        cond, uncond = out[:B, :n], out[B:, :n]
+        guided = uncond + cfg_scale * (cond - uncond)  # [B, n, I, I]
+        return torch.cat([torch.cat([guided, guided]), out[:, n:]], dim=1)
 
 
 # --------------------------------------------------------------------------

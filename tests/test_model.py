@@ -1,4 +1,4 @@
-"""The DiT against independent formulas written from the paper and dit-facts.md.
+"""The DiT against independent formulas written from the paper (section 3.2) and the reference `models.py`.
 
 Nothing here calls minidit to compute an expected value: the expectations are
 written out with plain loops, math and torch primitives.
@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturbed, requires_cuda
+from torch import nn
 
 import minidit
 from minidit import attention as attn_mod
@@ -50,7 +51,7 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def dit_by_hand(sd: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, p: int, heads: int) -> torch.Tensor:
-    """The DiT forward written from dit-facts.md, straight from a reference-layout state dict."""
+    """The DiT forward written out (paper section 3.2, reference `models.py`) from a reference-layout state dict."""
     B, C, H, W = x.shape
     D = sd["x_embedder.proj.weight"].shape[0]
     h, w = H // p, W // p
@@ -249,6 +250,87 @@ def test_initialisation_follows_the_paper():
     assert all(torch.count_nonzero(z) == 0 for z in zeros)
 
 
+def dit_init_by_hand(seed: int, size: int, p: int, C: int, D: int, depth: int, K: int, learn_sigma: bool, null: bool):
+    """The state dict of a DiT built right after ``torch.manual_seed(seed)``, drawn by hand in the reference's
+    order (the reference ``models.py``; the init is the paper's section 3.2 plus the release's choices).
+
+    1. Construction: each module draws PyTorch's default init as it is built, in the order x_embedder (Conv2d),
+       t_embedder (2 Linears), y_embedder (Embedding), then per block qkv, proj, fc1, fc2, adaLN Linear, then the
+       final layer's Linear and adaLN Linear.
+    2. ``initialize_weights``: Xavier-uniform on every Linear weight in module order (zero biases); the
+       patch-embedding Conv2d Xavier-uniform on its weight viewed as [D, C*p*p] (zero bias); label table
+       N(0, 0.02); timestep MLP weights N(0, 0.02); zeros for every adaLN Linear and the final Linear.
+    """
+    OC = 2 * C if learn_sigma else C
+    linears = {"t_embedder.mlp.0": (D, 256), "t_embedder.mlp.2": (D, D)}
+    for n in range(depth):
+        for key, shape in (("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("mlp.fc1", (4 * D, D)),
+                           ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))):  # fmt: skip
+            linears[f"blocks.{n}.{key}"] = shape
+    linears["final_layer.linear"] = (p * p * OC, D)
+    linears["final_layer.adaLN_modulation.1"] = (2 * D, D)
+    rows = K + 1 if null else K
+
+    def default_layer(shape):  # what nn.Linear / nn.Conv2d draw when built
+        w = nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+        fan_in = math.prod(shape[1:])
+        return w, nn.init.uniform_(torch.empty(shape[0]), -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    torch.manual_seed(seed)
+    default_layer((D, C, p, p))
+    default_layer(linears["t_embedder.mlp.0"]), default_layer(linears["t_embedder.mlp.2"])
+    nn.init.normal_(torch.empty(rows, D))
+    for key in list(linears)[2:]:
+        default_layer(linears[key])
+
+    sd = {}
+    for key, shape in linears.items():  # module order: t_embedder, blocks, final layer
+        sd[key + ".weight"] = nn.init.xavier_uniform_(torch.empty(shape))
+        sd[key + ".bias"] = torch.zeros(shape[0])
+    sd["pos_embed"] = sincos_table_by_hand(D, size // p).float()[None]
+    sd["x_embedder.proj.weight"] = nn.init.xavier_uniform_(torch.empty(D, C * p * p)).view(D, C, p, p)
+    sd["x_embedder.proj.bias"] = torch.zeros(D)
+    sd["y_embedder.embedding_table.weight"] = nn.init.normal_(torch.empty(rows, D), std=0.02)
+    sd["t_embedder.mlp.0.weight"] = nn.init.normal_(torch.empty(D, 256), std=0.02)
+    sd["t_embedder.mlp.2.weight"] = nn.init.normal_(torch.empty(D, D), std=0.02)
+    for key in [f"blocks.{n}.adaLN_modulation.1" for n in range(depth)] + [
+        "final_layer.adaLN_modulation.1", "final_layer.linear"
+    ]:  # fmt: skip
+        sd[key + ".weight"], sd[key + ".bias"] = torch.zeros(linears[key]), torch.zeros(linears[key][0])
+    return sd
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5),
+        dict(
+            input_size=12,
+            patch_size=4,
+            in_channels=3,
+            hidden_size=16,
+            depth=1,
+            num_heads=2,
+            num_classes=3,
+            learn_sigma=False,
+            class_dropout_prob=0.0,
+        ),  # fmt: skip
+    ],
+)
+def test_initial_weights_are_drawn_in_the_reference_order(kwargs):
+    """Same seed -> the same tensors as the hand-written init above, not only the same statistics."""
+    torch.manual_seed(99)
+    sd = minidit.DiT(**kwargs).state_dict()
+    expected = dit_init_by_hand(
+        99, kwargs["input_size"], kwargs["patch_size"], kwargs["in_channels"], kwargs["hidden_size"],
+        kwargs["depth"], kwargs["num_classes"], kwargs.get("learn_sigma", True),
+        null=kwargs.get("class_dropout_prob", 0.1) > 0,
+    )  # fmt: skip
+    assert sd.keys() == expected.keys()
+    for key in sd:
+        assert torch.equal(sd[key], expected[key]), key
+
+
 # --------------------------------------------------------------------------
 # The zoo and its measured table
 # --------------------------------------------------------------------------
@@ -317,6 +399,8 @@ def test_forward_with_cfg_guides_first_three_channels(small_dit):
     torch.testing.assert_close(one[:2], cond, atol=atol, rtol=1e-5)
     with pytest.raises(ValueError):
         small_dit.forward_with_cfg(x, t, y, s, guided_channels=5)
+    with pytest.raises(ValueError, match="even batch"):
+        small_dit.forward_with_cfg(x[:3], t[:3], y[:3], s)
 
 
 # --------------------------------------------------------------------------
