@@ -1,6 +1,8 @@
 """The course machinery: lessons are generated from solutions, ship clean, and their checks are real."""
 
 import json
+import linecache
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,16 @@ def test_lessons_ship_clean(path):
             assert build.IGNORE_OUTPUT in cell.metadata.get("tags", [])
             assert "### BEGIN SOLUTION" not in cell.source
     assert build.exercises(nb), "a lesson without exercises"
+    checks = [i for i, c in enumerate(nb.cells) if build.CHECK in c.metadata.get("tags", [])]
+    assert checks == [ex.cell + 1 for ex in build.exercises(nb)], "every exercise cell, then its tagged check cell"
+
+
+def test_an_exercise_without_its_check_cell_is_refused():
+    nb = build.from_percent(
+        "# %%\n# Exercise 9.1 (x)\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION\n# %% [markdown]\n# text\n"
+    )
+    with pytest.raises(build.BuildError, match="must be followed by its check cell"):
+        build.lesson_from_solution(nb, "t")
 
 
 def test_strip_solution_keeps_indentation_and_names_the_exercise():
@@ -63,36 +75,197 @@ def test_every_stub_fails_and_every_solution_passes(solution, monkeypatch):
         assert r.solution_output.strip().splitlines() == [f"✅ Exercise {r.label} passed"], r.solution_output
 
 
-def run_nbval(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", str(path), "-q", "-p", "no:cacheprovider"],
-        capture_output=True, text=True, cwd=path.parent, timeout=600,
+# --------------------------------------------------------------------------
+# What `pytest --nbval lessons/NN.ipynb` shows a student (minidit/course/pytest_plugin.py, lessons/conftest.py)
+# --------------------------------------------------------------------------
+
+LESSON_01 = ROOT / "lessons" / "01_patchify.ipynb"
+WRONG_PATCHIFY = """# Exercise 1.1 (patchify)
+def patchify(x, p):
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # channels first: a plausible slip
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+"""
+
+
+def run_nbval(target: str, cwd: Path) -> str:
+    """The student's command, `pytest --nbval <target>` run in ``cwd``; returns what it printed, with
+    the exit status on the last line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", target, "-p", "no:cacheprovider"],
+        capture_output=True, text=True, cwd=cwd, timeout=600,
     )  # fmt: skip
+    return out.stdout + out.stderr + f"\nexit status {out.returncode}"
 
 
-def test_lesson_01_fails_on_exercise_1_1_then_passes_when_solved(tmp_path):
-    """The learner's path: the fresh lesson fails naming Exercise 1.1; with the solutions typed in and
-    the notebook saved with the learner's own outputs (including a stale error), it passes."""
-    lesson = tmp_path / "01_patchify.ipynb"
-    shutil.copy(ROOT / "lessons" / "01_patchify.ipynb", lesson)
-    out = run_nbval(lesson)
-    assert out.returncode != 0
-    assert "Exercise 1.1 (patchify)" in out.stdout
+def lesson_copy(tmp: Path, edit) -> Path:
+    """A folder ``lessons/`` holding the shipped conftest.py and lesson 01 changed by ``edit(notebook)``."""
+    folder = tmp / "lessons"
+    folder.mkdir()
+    shutil.copy(ROOT / "lessons" / "conftest.py", folder)
+    nb = nbformat.read(LESSON_01, as_version=4)
+    edit(nb)
+    nbformat.write(nb, folder / LESSON_01.name)
+    return folder / LESSON_01.name
 
-    solved = nbformat.read(ROOT / "solutions" / "01_patchify.ipynb", as_version=4)
-    nb = nbformat.read(lesson, as_version=4)
-    answers = {ex[0]: c.source for c in solved.cells if c.cell_type == "code" and (ex := build.exercise_of(c.source))}
-    for n, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
-        ex = build.exercise_of(cell.source)
-        if ex:
-            cell.source = answers[ex[0]]
-        cell.execution_count = n + 1  # saved as the learner ran it, with outputs of their own
-        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"my own output {n}\n")]
-        if n == 1:
-            cell.outputs.append(nbformat.v4.new_output("error", ename="NameError", evalue="earlier", traceback=[]))
-    nbformat.write(nb, lesson)
-    out = run_nbval(lesson)
-    assert out.returncode == 0, out.stdout[-3000:]
+
+def answers() -> dict[str, str]:
+    solved = nbformat.read(ROOT / "solutions" / LESSON_01.name, as_version=4)
+    return {ex[0]: c.source for c in solved.cells if c.cell_type == "code" and (ex := build.exercise_of(c.source))}
+
+
+def paste(nb, ids, sources=None) -> None:
+    """Type the solutions (or ``sources``) of exercises ``ids`` into the notebook."""
+    sources = sources or answers()
+    for cell in nb.cells:
+        ex = build.exercise_of(cell.source) if cell.cell_type == "code" else None
+        if ex and ex[0] in ids:
+            cell.source = sources[ex[0]]
+
+
+def exercise_lines(out: str, label: str) -> list[str]:
+    """The lines of the lesson section about exercise ``label`` ("1.1 (patchify)")."""
+    return [line for line in out.splitlines() if line[:1] in "✅❌⬜" and f" Exercise {label}" in line[:60]]
+
+
+def assert_plain(out: str) -> None:
+    """No colour codes, none of nbval's "Cell N" names, none of the checker's frames."""
+    assert "\x1b[" not in out
+    assert "::Cell " not in out and "minidit/course" not in out and "checks.py" not in out
+
+
+@pytest.fixture(scope="module")
+def untouched() -> str:
+    """The shipped lesson 01, run as a student would from the repository root."""
+    return run_nbval("lessons/01_patchify.ipynb", ROOT)
+
+
+def test_untouched_lesson_says_one_line_per_exercise_and_the_progress(untouched):
+    exercises = build.exercises(nbformat.read(LESSON_01, as_version=4))
+    assert untouched.endswith("exit status 1"), untouched[-3000:]
+    for ex in exercises:
+        lines = exercise_lines(untouched, ex.label)
+        assert len(lines) == 1 and lines[0].startswith(f"⬜ Exercise {ex.label}: not done yet"), untouched
+    first = exercises[0].label
+    assert f"⬜ Exercise {first}: not done yet: replace the `raise NotImplementedError(...)`" in untouched
+    assert f"lesson 01: 0 of {len(exercises)} exercises done; next: Exercise {first}" in untouched
+    # the unfinished exercises are the only failures: the cells that call them are skipped, naming them
+    assert re.search(rf"\b{len(exercises)} failed, \d+ passed, [1-9]\d* skipped in", untouched), untouched
+    assert "   skipped until it passes: cell " in untouched
+    assert "Traceback" not in untouched and "FAILURES" not in untouched and "NotImplementedError:" not in untouched
+    assert_plain(untouched)
+
+
+@pytest.fixture(scope="module")
+def saved_from_a_kernel(tmp_path_factory) -> tuple[Path, str]:
+    """Lesson 01 as a learner saves it: run in a real kernel with the first exercises solved, the last one
+    still a stub (its check cell and the cells using it saved with errors) and a cell of their own printing
+    the time and a plot; then the last exercise solved and the notebook saved without running it
+    again (stale errors), one cell's execution count lost as some front ends do."""
+    from nbclient import NotebookClient
+
+    ids = [ex.id for ex in build.exercises(nbformat.read(LESSON_01, as_version=4))]
+
+    def edit(nb):
+        paste(nb, ids[:-1])
+        check = next(i for i, c in enumerate(nb.cells) if build.CHECK in c.metadata.get("tags", []))
+        own = "import time\nprint('my timing:', time.time())\nplt.plot(torch.rand(5))\nplt.show()"
+        nb.cells.insert(check + 1, nbformat.v4.new_code_cell(own))
+
+    path = lesson_copy(tmp_path_factory.mktemp("saved"), edit)
+    nb = nbformat.read(path, as_version=4)
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True, resources=resources).execute()
+    paste(nb, ids[-1:])
+    ran = [c for c in nb.cells if c.cell_type == "code" and c.outputs and c.execution_count]
+    ran[-1].execution_count = None
+    nbformat.write(nb, path)
+    return path, run_nbval(path.name, path.parent)
+
+
+def test_saved_outputs_never_fail_a_learner(saved_from_a_kernel):
+    path, out = saved_from_a_kernel
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    own = [c for c in code if "my timing" in c.source][0]
+    assert any(o.output_type == "error" for c in code for o in c.outputs), "no stale error was saved"
+    assert own.outputs and not own.metadata.get("tags"), "the learner's cell was not saved as JupyterLab does"
+    exercises = build.exercises(nb)
+    assert out.endswith("exit status 0"), out[-3000:]
+    for ex in exercises:
+        assert exercise_lines(out, ex.label) == [f"✅ Exercise {ex.label} passed"], out
+    assert f"lesson 01: {len(exercises)} of {len(exercises)} exercises done; " in out
+    assert "next: Exercise" not in out
+    assert_plain(out)
+
+
+@pytest.fixture(scope="module")
+def wrong_answer(tmp_path_factory) -> str:
+    """Exercise 1.1 wrong (channels first), 1.2 solved, the rest not done, and a cell of the learner's own
+    that fails for a reason of its own; run from the folder above lessons/."""
+
+    def edit(nb):
+        paste(nb, ["1.1", "1.2"], {**answers(), "1.1": WRONG_PATCHIFY})
+        nb.cells.insert(3, nbformat.v4.new_code_cell("ratio = 1 / 0  # my own cell"))
+
+    path = lesson_copy(tmp_path_factory.mktemp("wrong"), edit)
+    return run_nbval(f"lessons/{path.name}", path.parent.parent)
+
+
+def test_a_wrong_answer_fails_with_its_hint_in_one_line(wrong_answer):
+    from minidit.course import lesson01
+
+    ns = {}
+    exec(WRONG_PATCHIFY, ns)
+    with pytest.raises(AssertionError) as err:
+        lesson01.check_patchify(ns["patchify"])
+    hint = " ".join(str(err.value).split()).removeprefix("Exercise 1.1 (patchify):").strip()
+    assert exercise_lines(wrong_answer, "1.1 (patchify)") == [f"❌ Exercise 1.1 (patchify): {hint}"]
+    assert exercise_lines(wrong_answer, "1.2 (patchify_einops)") == ["✅ Exercise 1.2 (patchify_einops) passed"]
+    n = len(build.exercises(nbformat.read(LESSON_01, as_version=4)))
+    assert f"lesson 01: 1 of {n} exercises done; next: Exercise 1.1 (patchify)" in wrong_answer
+    # the learner's own failing cell: a failure, named by its first line, with its traceback, without colours
+    assert "01_patchify.ipynb, cell 4: ratio = 1 / 0  # my own cell" in wrong_answer
+    assert "ZeroDivisionError" in wrong_answer, wrong_answer
+    assert re.search(rf"\b{n} failed, \d+ passed", wrong_answer), wrong_answer  # n - 1 exercises + that cell
+    assert wrong_answer.endswith("exit status 1")
+    assert_plain(wrong_answer)
+
+
+def test_plugin_reads_names_and_places(tmp_path):
+    from minidit.course import pytest_plugin as plugin
+
+    assert plugin.is_lesson(Path("x/lessons/01_a.ipynb")) and plugin.is_lesson(Path("x/lessons/conftest.py")) is False
+    assert plugin.is_lesson(tmp_path / "saved_elsewhere.ipynb") is False  # not there
+    for path in SOLUTIONS:  # solution notebooks keep nbval's comparison of outputs
+        assert not plugin.is_lesson(path)
+        lesson = tmp_path / path.name
+        shutil.copy(ROOT / "lessons" / path.name, lesson)
+        assert plugin.is_lesson(lesson)  # a lesson saved outside lessons/, e.g. downloaded from Colab
+    src = "!pip install x\nimport numpy as np\ndef f(a):\n    return g(a)\ntokens, (u, v) = f(1), (2, 3)\n"
+    assert plugin.names_defined(src) == {"np", "f", "tokens", "u", "v"}
+    assert {"g", "f", "a"} <= plugin.names_used(src)
+    stub = build.strip_solution("# Exercise 7.2 (x_y)\n### BEGIN SOLUTION\n### END SOLUTION\n", "t")
+    assert build.STUB_RAISED.search(stub).groups() == ("7.2", "x_y")
+    assert plugin.plain("\x1b[31mNameError\x1b[39m: x") == "NameError: x"
+
+
+def test_a_check_names_the_exercise_a_stub_belongs_to_and_the_learners_line():
+    from minidit.course import checks
+
+    def uses_earlier(x):
+        raise NotImplementedError(build.STUB.format(id="1.1", name="patchify"))
+
+    with pytest.raises(checks.ExerciseFailed, match=r"1.3 \(u\): needs Exercise 1.1 \(patchify\) first"):
+        checks.call("1.3 (u)", uses_earlier, 1)
+    cell, ns = "/tmp/ipykernel_1/123.py", {}  # a cell's "file" in a kernel: its lines are in linecache
+    source = "def f(x):\n    y = x + 1\n    return y.reshape(5)\n"
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    exec(compile(source, cell, "exec"), ns)
+    message = r"raised AttributeError: .* \(in f, line 3 of its cell: `return y.reshape\(5\)`\)$"
+    with pytest.raises(checks.ExerciseFailed, match=message):
+        checks.call("1.1 (f)", ns["f"], 1)
+    linecache.cache.pop(cell)
 
 
 def test_build_check_prints_the_fixing_command(tmp_path, monkeypatch):

@@ -13,8 +13,9 @@ In a solution notebook, an exercise is a code cell whose first line is
 The lesson gets, in place of each marked region, ``raise NotImplementedError("Exercise 1.1 (patchify) ...")``
 at the same indentation. Cells tagged ``solution`` (worked answers to questions) are left out of the
 lesson. Every lesson code cell ships without outputs or execution counts and is tagged
-``nbval-ignore-output``, so ``pytest --nbval lessons/`` fails only on errors: an unfinished or wrong
-exercise, never a learner's own saved plots, timings or earlier failures.
+``nbval-ignore-output``; the check cell that must follow each exercise cell is also tagged
+``exercise-check``. What ``pytest --nbval lessons/`` then reports (one line per exercise, never a
+learner's own saved outputs) is ``pytest_plugin.py``'s work, loaded by ``lessons/conftest.py``.
 
     python -m minidit.course build            # write lessons/ from solutions/
     python -m minidit.course build --check    # exit 1 if lessons/ is not what build would write
@@ -38,6 +39,11 @@ BUILD_COMMAND = "python -m minidit.course build"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 EXERCISE = re.compile(r"^#\s*Exercise\s+(\d+\.\d+)\s+\(([^)]+)\)")
 IGNORE_OUTPUT = "nbval-ignore-output"
+#: The tag of the check cell that follows each exercise cell in a lesson (what the pytest plugin reports on).
+CHECK = "exercise-check"
+#: The message of a stub, and how to recognise it in a traceback (a demo cell that needs an unfinished exercise).
+STUB = "Exercise {id} ({name}): replace this line with your code"
+STUB_RAISED = re.compile(r"Exercise (\d+\.\d+) \(([^)]+)\): replace this line with your code")
 
 
 class BuildError(Exception):
@@ -86,7 +92,7 @@ def strip_solution(source: str, where: str) -> str:
                 raise BuildError(f"{where}: a solution region needs the first line '# Exercise N.M (name)'")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
-            stub = f"Exercise {ex[0]} ({ex[1]}): replace this line with your code"
+            stub = STUB.format(id=ex[0], name=ex[1])
             out.append(f'{indent}raise NotImplementedError("{stub}")')
         elif stripped == END:
             if not inside:
@@ -113,6 +119,11 @@ def lesson_from_solution(nb, name: str):
             ex = exercise_of(cell.source)
             if ex is not None and BEGIN not in cell.source:
                 raise BuildError(f"{name}, cell {i}: exercise {ex[0]} has no {BEGIN} region")
+            if ex is not None:
+                following = lesson.cells[i + 1] if i + 1 < len(lesson.cells) else None
+                if following is None or following.cell_type != "code" or exercise_of(following.source):
+                    raise BuildError(f"{name}, cell {i}: exercise {ex[0]} must be followed by its check cell")
+                following.setdefault("metadata", {}).setdefault("tags", []).append(CHECK)
             cell.source = strip_solution(cell.source, f"{name}, cell {i}")
             cell.outputs = []
             cell.execution_count = None

@@ -12,9 +12,15 @@ build their checks from these pieces; their tests prove each check rejects plaus
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from .build import STUB_RAISED
+
+#: What the check of a stub says (the pytest plugin reports such an exercise as "not done yet").
+NOT_DONE = "not implemented yet"
 
 
 class ExerciseFailed(AssertionError):
@@ -34,12 +40,36 @@ def call(exercise: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
     """Call the learner's function; a stub's NotImplementedError and any crash become a clear failure."""
     try:
         return fn(*args, **kwargs)
-    except NotImplementedError:
-        fail(exercise, "not implemented yet: replace the `raise NotImplementedError(...)` line with your code.")
+    except NotImplementedError as e:
+        other = STUB_RAISED.search(str(e))
+        if other and other.group(1) != exercise.split()[0]:  # the stub of an earlier exercise it builds on
+            fail(exercise, f"needs Exercise {other.group(1)} ({other.group(2)}) first: it is {NOT_DONE}.")
+        fail(exercise, f"{NOT_DONE}: replace the `raise NotImplementedError(...)` line with your code.")
     except ExerciseFailed:
         raise
-    except Exception as e:  # a learner's bug: show it, in one line, with the exercise's name
-        fail(exercise, f"your function raised {type(e).__name__}: {e}")
+    except Exception as e:  # a learner's bug: show it, in one line, with the exercise's name and the line
+        fail(exercise, f"your function raised {type(e).__name__}: {e}{_where(e)}")
+
+
+def _where(error: BaseException) -> str:
+    """Where the learner's code failed, as " (in patchify, line 7 of its cell: `x = x.reshape(...)`)": the
+    deepest frame outside installed packages and this package (IPython keeps a cell's lines in linecache)."""
+    import linecache
+    import sys
+    import sysconfig
+    import traceback
+
+    libraries = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")} | {sys.prefix, sys.base_prefix}
+    package = str(Path(__file__).resolve().parents[1])
+    own = [
+        f for f in traceback.extract_tb(error.__traceback__)[1:]  # [0] is the call above
+        if not f.filename.startswith((*libraries, package)) and not f.filename.startswith("<frozen")
+    ]  # fmt: skip
+    if not own:
+        return ""
+    frame = own[-1]
+    line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    return f" (in {frame.name}, line {frame.lineno} of its cell" + (f": `{line}`)" if line else ")")
 
 
 def expect_tensor(exercise: str, got: Any, name: str = "the result") -> torch.Tensor:
