@@ -33,6 +33,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: from the dataset
     num_workers: int = 0  # DataLoader workers (real datasets)
     latent_sampling: str = "fresh"  # latents: fresh (a posterior sample per image and step) | frozen (stored ones)
+    hflip: bool = True  # random horizontal flips of the training images (real datasets), as the reference
     # -- model -----------------------------------------------------------------------------
     model: str = "DiT-Ti/4"
     learn_sigma: bool = True
@@ -112,6 +113,7 @@ HELP: dict[str, str] = {
     "vae": "latent models: VAE that decodes the grids (ema | mse | a local directory)",
     "latent_sampling": "latents: fresh (a new posterior sample and flip per image and step, as the reference; "
     "needs extract_latents' default --posterior moments) | frozen (train on stored samples)",
+    "hflip": "flip half of the training images left-right (off for digits, text, anything with a handedness)",
 }  # fmt: skip
 
 
@@ -163,6 +165,7 @@ CHOICES = {
 #: Fields added after runs were saved: the value a config.json without the field had in effect.
 ADDED_FIELDS = {
     "latent_sampling": lambda saved: "frozen" if saved.get("data") == "latents" else "fresh",
+    "hflip": lambda saved: True,
 }
 
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: 256 px -> 32x32x4 latents
@@ -261,8 +264,48 @@ def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
     return preset, overrides
 
 
+#: ``--data folder`` under the default config: the toy preset is tuned to the toy generator (16 tokens,
+#: cosine, lr 2e-3), so a folder of real images gets these instead, measured on two kinds of real 16 px
+#: images (benchmarks/folder_defaults.py, benchmarks/results/folder-defaults-2026-11-30.md). The model is
+#: a DiT-Ti whose patch size gives about ``FOLDER_TOKENS`` tokens (``folder_patch``). Options given win.
+FOLDER_DEFAULTS: dict[str, Any] = dict(
+    noise_schedule="linear", lr=1e-3, warmup_steps=200, ema_decay=0.995, max_steps=3000, hflip=False, eval_samples=0,
+)  # fmt: skip
+FOLDER_TOKENS = 64
+
+
+def folder_patch(image_size: int) -> int:
+    """The DiT-Ti patch size (2, 4 or 8) that divides ``image_size`` and gives the token count
+    ``(image_size / patch)^2`` closest to ``FOLDER_TOKENS``: 16 px -> 2, 32 px -> 4, 64 px -> 8."""
+    fits = [p for p in (2, 4, 8) if image_size % p == 0] or [2]  # none fits: validate() says why
+    return min(fits, key=lambda p: abs(math.log(max(image_size // p, 1) ** 2 / FOLDER_TOKENS)))
+
+
+def folder_defaults(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The folder defaults that apply: for ``--data folder`` under the default (toy) config, the
+    ``FOLDER_DEFAULTS`` and the model of ``folder_patch``, less the fields given in ``overrides``; else {}."""
+    if preset != "toy" or overrides.get("data") != "folder":
+        return {}
+    size = overrides.get("image_size", PRESETS["toy"]["image_size"])
+    chosen = {"image_size": size, "model": f"DiT-Ti/{folder_patch(size)}", **FOLDER_DEFAULTS}
+    return {k: v for k, v in chosen.items() if k not in overrides}
+
+
+def describe_folder_defaults(applied: dict[str, Any], cfg: TrainConfig) -> str:
+    """One line for the start of a run: the folder defaults in effect."""
+    items = []
+    for key, value in applied.items():
+        text = f"--{key.replace('_', '-')} {value if isinstance(value, str) else json.dumps(value)}"
+        if key == "model":
+            tokens = (cfg.image_size // int(str(value).rpartition("/")[2])) ** 2
+            text += f" ({tokens} tokens at {cfg.image_size} px)"
+        items.append(text)
+    return "folder defaults (real images; pass --key value to change one): " + ", ".join(items)
+
+
 def build_config(preset: str = "toy", overrides: dict[str, Any] | None = None) -> TrainConfig:
-    cfg = TrainConfig(**{**PRESETS[preset], **(overrides or {})})
+    overrides = overrides or {}
+    cfg = TrainConfig(**{**PRESETS[preset], **folder_defaults(preset, overrides), **overrides})
     validate(cfg)
     return cfg
 

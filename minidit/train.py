@@ -433,7 +433,7 @@ class Trainer:
             self.log("note: --class-dropout-prob 0 trains no null class: sample grids and evaluation are drawn "
                      "without guidance")  # fmt: skip
         if self.spec.latent:
-            self.log(f"latents: {self.dataset.describe()}")
+            self.log(f"latents: {self.dataset.describe(flips=cfg.hflip)}")
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.raw = build_model(cfg, self.spec).to(self.device)
@@ -497,7 +497,7 @@ class Trainer:
         t = torch.randint(0, self.diffusion.num_timesteps, (G,), generator=g, device=self.device)
         noise = torch.randn((G, s.in_channels, s.input_size, s.input_size), generator=g, device=self.device)
         drop = torch.rand(G, generator=g, device=self.device) < self.cfg.class_dropout_prob
-        flip = torch.rand(G, generator=g, device=self.device) < 0.5
+        flip = torch.rand(G, generator=g, device=self.device) < (0.5 if self.cfg.hflip else 0.0)
         # posterior moments: the noise of each image's fresh posterior sample (drawn last: the draws above
         # stay those of runs on frozen latents)
         eps_z = torch.randn(noise.shape, generator=g, device=self.device) if s.moments else None
@@ -772,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     preset, overrides = C.parse_overrides(argv)
     cfg = C.build_config(preset, overrides)
     trainer = Trainer(cfg, preset)
+    applied = C.folder_defaults(preset, overrides)
+    if applied:
+        trainer.log(C.describe_folder_defaults(applied, cfg))
     try:
         return trainer.run()
     except OSError as e:
@@ -780,10 +783,10 @@ def main(argv: list[str] | None = None) -> int:
         # a log line, a sample grid or the loss plot: the checkpoint writer has its own message
         raise UserError(f"no space left on device ({e.filename or trainer.run_dir}); checkpoints are intact") from None
     finally:
+        trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
-        trainer.close()
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
