@@ -88,15 +88,22 @@ def forward_calls_model(model, x, t, y):
     return model(x, t, y)
 
 
+FORWARD_MUTANTS = [
+    ("no pos_embed", forward_no_pos, ("you forgot the position table",)),
+    ("c = t_embedder(t) only", forward_t_only, ("the condition ignores the label",)),
+    ("unpatchify with in_channels", forward_in_channels, ("instead of out_channels (2C = 8)",)),
+    ("labels never dropped in training", forward_never_drops, ("labels are never dropped in training mode",)),
+    ("returns the tokens", forward_tokens, ("You returned the tokens: unpatchify them",)),
+    ("calls model(...)", forward_calls_model, ("build the forward from the model's submodules",)),
+    ("numpy result", lambda m, x, t, y: dit_forward(m, x, t, y).numpy(), ("should be a torch.Tensor",)),
+]
+
+
 def test_dit_forward(capsys):
     passes(lesson04.check_dit_forward, dit_forward, "4.1 (dit_forward)", capsys)
     rejects(lesson04.check_dit_forward, stub, "not implemented yet")
-    rejects(lesson04.check_dit_forward, forward_no_pos, "you forgot the position table")
-    rejects(lesson04.check_dit_forward, forward_t_only, "the condition ignores the label")
-    rejects(lesson04.check_dit_forward, forward_in_channels, "instead of out_channels (2C = 8)")
-    rejects(lesson04.check_dit_forward, forward_never_drops, "labels are never dropped in training mode")
-    rejects(lesson04.check_dit_forward, forward_tokens, "You returned the tokens: unpatchify them")
-    rejects(lesson04.check_dit_forward, forward_calls_model, "build the forward from the model's submodules")
+    for _, fn, hints in FORWARD_MUTANTS:
+        rejects(lesson04.check_dit_forward, fn, *hints)
 
 
 def test_the_checks_leave_the_global_rng_alone():
@@ -174,20 +181,79 @@ def init_keeps_biases(model):
                 p.copy_(saved[n])
 
 
+def init_table_after_t_mlp(model):  # the right draws, in another order: t_embedder before the label table
+    initialize_weights(model)
+    torch.manual_seed(3)  # the check seeds the global RNG with 3: replay the draws in the wrong order
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.linear.weight)
+
+
+def init_conv_twice(model):  # Xavier on the 4-D weight, then (correctly) on the view: one draw too many
+    nn.init.xavier_uniform_(model.x_embedder.proj.weight)
+    initialize_weights(model)
+
+
+def init_linears_reversed(model):  # every Linear Xavier-uniform, but the last one first
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    initialize_weights(model)
+    torch.manual_seed(3)
+    for module in reversed(linears):
+        nn.init.xavier_uniform_(module.weight)
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.linear.weight)
+
+
+def init_own_generator(model):  # the right distributions from a private generator: other numbers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        initialize_weights(model)
+
+
+INIT_MUTANTS = [
+    ("final Linear not zero", variant_init(final_not_zero=True), ("final_layer.linear.weight should be exactly zero",
+                                                                  "output")),
+    ("adaLN regressors not zero", variant_init(adaln_not_zero=True),
+     ("adaLN-Zero: zero the last Linear of every block",)),
+    ("Xavier on the 4-D conv weight", variant_init(conv_4d=True), ("you applied xavier_uniform_ to the 4-D conv weight",
+                                                                   "D*p*p = 1024")),
+    ("PyTorch's default conv init", variant_init(conv_default=True), ("too small: is this PyTorch's default init",)),
+    ("xavier_normal_", variant_init(xavier_normal=True), ("xavier_normal_ (or randn) instead of xavier_uniform_",)),
+    ("label table N(0, 1)", variant_init(table_default=True), ("nn.Embedding's own default is N(0, 1)",)),
+    ("timestep MLP Xavier", variant_init(t_mlp_xavier=True), ("t_embedder.mlp.0.weight", "normal_(w, std=0.02)")),
+    ("no pos_embed", variant_init(no_pos=True), ("pos_embed is not the fixed 2-D sin-cos table",)),
+    ("pos_embed halves swapped", variant_init(pos_swapped=True), ("the halves are swapped",)),
+    ("block biases kept", init_keeps_biases, ("Every Linear's bias starts at zero",)),
+    ("label table drawn after the timestep MLP", init_table_after_t_mlp,
+     ("has the right distribution but not the reference's numbers", "(4) the label table")),
+    ("conv initialised twice", init_conv_twice, ("one draw too many",)),
+    ("Linears in reverse order", init_linears_reversed, ("in the order model.modules() visits them",)),
+    ("a private generator", init_own_generator, ("not the reference's numbers",)),
+]  # fmt: skip
+
+
 def test_initialize_weights(capsys):
     check = lesson04.check_initialize_weights
     passes(check, initialize_weights, "4.2 (initialize_weights)", capsys)
     rejects(check, stub, "not implemented yet")
-    rejects(check, variant_init(final_not_zero=True), "final_layer.linear.weight should be exactly zero", "output")
-    rejects(check, variant_init(adaln_not_zero=True), "adaLN-Zero: zero the last Linear of every block")
-    rejects(check, variant_init(conv_4d=True), "you applied xavier_uniform_ to the 4-D conv weight", "D*p*p = 1024")
-    rejects(check, variant_init(conv_default=True), "too small: is this PyTorch's default init")
-    rejects(check, variant_init(xavier_normal=True), "xavier_normal_ (or randn) instead of xavier_uniform_")
-    rejects(check, variant_init(table_default=True), "nn.Embedding's own default is N(0, 1)")
-    rejects(check, variant_init(t_mlp_xavier=True), "t_embedder.mlp.0.weight", "normal_(w, std=0.02)")
-    rejects(check, variant_init(no_pos=True), "pos_embed is not the fixed 2-D sin-cos table")
-    rejects(check, variant_init(pos_swapped=True), "the halves are swapped")
-    rejects(check, init_keeps_biases, "Every Linear's bias starts at zero")
+    for _, fn, hints in INIT_MUTANTS:
+        rejects(check, fn, *hints)
 
 
 def test_initialize_weights_matches_the_reference_model_init():
@@ -231,16 +297,27 @@ def counts_with(**mistakes):
     return lambda *a, **k: count_params_and_macs(*a, **k, **mistakes)
 
 
+def counts_float(*args, **kwargs):  # T = (input_size / p) ** 2: a float count
+    params, gmacs = count_params_and_macs(*args, **kwargs)
+    return float(params), gmacs
+
+
+COUNT_MUTANTS = [
+    ("FLOPs, not MACs", counts_with(flops=True), ("you counted FLOPs",)),
+    ("no attention matmuls", counts_with(no_attn=True), ("you left out the attention matmuls",)),
+    ("no pos_embed", counts_with(no_pos=True), ("you left out pos_embed", "675,129,632")),
+    ("K rows, no null row", counts_with(no_null=True), ("num_classes + 1 rows",)),
+    ("final Linear to C, not 2C", counts_with(out_c=True), ("out_channels = 2C when learn_sigma",)),
+    ("params as a float", counts_float, ("params is a float", "//")),
+]
+
+
 def test_count_params_and_macs(capsys):
     check = lesson04.check_count_params_and_macs
     passes(check, count_params_and_macs, "4.3 (count_params_and_macs)", capsys)
     rejects(check, stub, "not implemented yet")
-    rejects(check, counts_with(flops=True), "you counted FLOPs")
-    rejects(check, counts_with(no_attn=True), "you left out the attention matmuls")
-    msg = rejects(check, counts_with(no_pos=True), "you left out pos_embed")
-    assert "675,129,632" in msg  # the exact XL/2 count is named
-    rejects(check, counts_with(no_null=True), "num_classes + 1 rows")
-    rejects(check, counts_with(out_c=True), "out_channels = 2C when learn_sigma")
+    for _, fn, hints in COUNT_MUTANTS:
+        rejects(check, fn, *hints)
 
 
 def test_known_stats_are_what_model_stats_measures():
@@ -271,25 +348,34 @@ def forward_with_cfg(model, x, t, y, cfg_scale, guided_channels=3, how="ok", hal
     return result[: len(x) // 2] if half_out else result
 
 
+def cfg_all_by_default(model, x, t, y, s, guided_channels=None):
+    return forward_with_cfg(model, x, t, y, s, guided_channels)
+
+
+def cfg_guides_variance(model, x, t, y, s, guided_channels=3):
+    return forward_with_cfg(model, x, t, y, s, model.out_channels if guided_channels is None else guided_channels)
+
+
+CFG_MUTANTS = [
+    ("all 4 channels by default", cfg_all_by_default, ("you guided all 4 epsilon channels by default", "GLIDE")),
+    ("uncond + s * cond", lambda *a, **k: forward_with_cfg(*a, **k, how="no_difference"),
+     ("you wrote uncond + s * cond",)),
+    ("cond and uncond swapped", lambda *a, **k: forward_with_cfg(*a, **k, how="swapped"),
+     ("cond and uncond are swapped",)),
+    ("returns one half", lambda *a, **k: forward_with_cfg(*a, **k, half_out=True), ("You returned one half",)),
+    ("runs the whole x", lambda *a, **k: forward_with_cfg(*a, **k, how="full_x"), ("reads only the first half of x",)),
+    ("variance channels guided", cfg_guides_variance, ("you guided the variance channels too",)),
+    ("calls model.forward_with_cfg", lambda m, *a, **k: m.forward_with_cfg(*a, **k), ("write the guidance yourself",)),
+    ("numpy result", lambda *a, **k: forward_with_cfg(*a, **k).numpy(), ("should be a torch.Tensor",)),
+]  # fmt: skip
+
+
 def test_forward_with_cfg(capsys):
     check = lesson04.check_forward_with_cfg
     passes(check, forward_with_cfg, "4.4 (forward_with_cfg)", capsys)
     rejects(check, stub, "not implemented yet")
-
-    def all_by_default(model, x, t, y, s, guided_channels=None):
-        return forward_with_cfg(model, x, t, y, s, guided_channels)
-
-    rejects(check, all_by_default, "you guided all 4 epsilon channels by default", "GLIDE")
-    rejects(check, lambda *a, **k: forward_with_cfg(*a, **k, how="no_difference"), "you wrote uncond + s * cond")
-    rejects(check, lambda *a, **k: forward_with_cfg(*a, **k, how="swapped"), "cond and uncond are swapped")
-    rejects(check, lambda *a, **k: forward_with_cfg(*a, **k, half_out=True), "You returned one half")
-    rejects(check, lambda *a, **k: forward_with_cfg(*a, **k, how="full_x"), "reads only the first half of x")
-
-    def guides_variance(model, x, t, y, s, guided_channels=3):
-        return forward_with_cfg(model, x, t, y, s, model.out_channels if guided_channels is None else guided_channels)
-
-    rejects(check, guides_variance, "you guided the variance channels too")
-    rejects(check, lambda m, *a, **k: m.forward_with_cfg(*a, **k), "write the guidance yourself")
+    for _, fn, hints in CFG_MUTANTS:
+        rejects(check, fn, *hints)
 
 
 # --------------------------------------------------------------------------
@@ -315,34 +401,50 @@ def load_with_read_file(model, path):
     model.load_state_dict({k.removeprefix("module."): v for k, v in obj.items()})
 
 
+def load_implicit(model, path):
+    model.load_state_dict(torch.load(path)["ema"] if "ema" in torch.load(path) else torch.load(path))
+
+
+def load_no_unwrap(model, path):
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in obj.items()})
+
+
+def load_safetensors(model, path):
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path))
+
+
+def load_returns_copy(model, path):
+    import copy
+
+    return load_official(copy.deepcopy(model), path)
+
+
+LOAD_MUTANTS = [
+    ("weights_only=False", lambda m, p: load_official(m, p, weights_only=False), ("with weights_only=False",)),
+    ("weights_only not passed", load_implicit, ("without weights_only: pass weights_only=True explicitly",)),
+    ('raw "model" weights', lambda m, p: load_official(m, p, prefer_ema=False), ('prefer "ema"',)),
+    ("'module.' kept", lambda m, p: load_official(m, p, strip=False), ("Strip the 'module.' prefix",)),
+    ("'module.' kept, strict=False", lambda m, p: load_official(m, p, strip=False, strict=False),
+     ("nothing was loaded", "strict=True")),
+    ("strict=False", lambda m, p: load_official(m, p, strict=False),
+     ("loaded without an error: load with strict=True",)),
+    ("training checkpoint not unwrapped", load_no_unwrap,
+     ('{"model", "ema", "opt", "args"}', 'take their "ema" weights')),
+    ("another file format", load_safetensors, ("raised",)),
+    ("returns a new model", load_returns_copy, ("return the model you loaded into",)),
+]  # fmt: skip
+
+
 def test_load_official(capsys):
     check = lesson04.check_load_official
     passes(check, load_official, "4.5 (load_official)", capsys)
     passes(check, load_with_read_file, "4.5 (load_official)", capsys)
     rejects(check, stub, "not implemented yet")
-    rejects(check, lambda m, p: load_official(m, p, weights_only=False), "with weights_only=False")
-
-    def implicit(model, path):
-        model.load_state_dict(torch.load(path)["ema"] if "ema" in torch.load(path) else torch.load(path))
-
-    rejects(check, implicit, "without weights_only: pass weights_only=True explicitly")
-    rejects(check, lambda m, p: load_official(m, p, prefer_ema=False), 'prefer "ema"')
-    rejects(check, lambda m, p: load_official(m, p, strip=False), "Strip the 'module.' prefix")
-    rejects(check, lambda m, p: load_official(m, p, strip=False, strict=False), "nothing was loaded", "strict=True")
-    rejects(check, lambda m, p: load_official(m, p, strict=False), "loaded without an error: load with strict=True")
-
-    def no_unwrap(model, path):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict({k.removeprefix("module."): v for k, v in obj.items()})
-
-    rejects(check, no_unwrap, '{"model", "ema", "opt", "args"}', 'Unwrap training checkpoints: use obj["ema"]')
-
-    def other_loader(model, path):
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(path))
-
-    rejects(check, other_loader, "raised")
+    for _, fn, hints in LOAD_MUTANTS:
+        rejects(check, fn, *hints)
 
 
 def test_full_pickle_runs_the_canary_and_the_check_says_so():
@@ -378,3 +480,19 @@ def test_random_dit_is_seeded_and_not_zero():
         out = a(x, t, y)
     assert torch.equal(out, b(x, t, y).detach())
     assert out.abs().mean() > 0.1 and math.isfinite(out.abs().max().item())
+
+
+MUTANTS = {  # exercise -> [(mistake, function, hint keywords)], for the course's mutant table
+    "4.1 (dit_forward)": FORWARD_MUTANTS,
+    "4.2 (initialize_weights)": INIT_MUTANTS,
+    "4.3 (count_params_and_macs)": COUNT_MUTANTS,
+    "4.4 (forward_with_cfg)": CFG_MUTANTS,
+    "4.5 (load_official)": LOAD_MUTANTS,
+}
+CHECKS = {
+    "4.1 (dit_forward)": lesson04.check_dit_forward,
+    "4.2 (initialize_weights)": lesson04.check_initialize_weights,
+    "4.3 (count_params_and_macs)": lesson04.check_count_params_and_macs,
+    "4.4 (forward_with_cfg)": lesson04.check_forward_with_cfg,
+    "4.5 (load_official)": lesson04.check_load_official,
+}

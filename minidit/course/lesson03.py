@@ -94,7 +94,7 @@ def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> li
         ),
         (
             "the softmax ran over the queries (dim=-2). Each query's row of scores must sum to 1 over the KEYS: "
-            "softmax(dim=-1) on the [B, H, N, M] scores.",
+            "softmax(dim=-1) on the [B, H, T, M] scores.",
             lambda: _softmax_attention(q, k, v, s, dim=-2),
         ),
         (
@@ -122,8 +122,8 @@ def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> li
 
 
 def check_attention(attention: Callable) -> None:
-    """Exercise 3.1: ``attention(q, k, v)`` = softmax(q kᵀ / √d) v; q [B, H, N, d], k [B, H, M, d],
-    v [B, H, M, d_v] -> [B, H, N, d_v]."""
+    """Exercise 3.1: ``attention(q, k, v)`` = softmax(q kᵀ / √d) v; q [B, H, T, d], k [B, H, M, d],
+    v [B, H, M, d_v] -> [B, H, T, d_v]."""
     for n, (B, H, N, M, d, d_v) in enumerate(_ATTENTION_CASES):
         g = checks.seeded(30 + n)
         q, k = torch.randn(B, H, N, d, generator=g), torch.randn(B, H, M, d, generator=g)
@@ -135,7 +135,7 @@ def check_attention(attention: Callable) -> None:
             hints = {
                 (B, H, N, M): "that is the shape of the attention WEIGHTS softmax(q kᵀ/√d): multiply them by v.",
                 (B, H, N, d): "the output has the width of the values, d_v = v.shape[-1], not that of q.",
-                (B, H, M, d_v): "one output row per QUERY: the result is [B, H, N, d_v] with N = q.shape[-2].",
+                (B, H, M, d_v): "one output row per QUERY: the result is [B, H, T, d_v] with T = q.shape[-2].",
             }
             if (B, H, N, d_v) in hints:  # a correct shape is never diagnosed as a mistake
                 del hints[(B, H, N, d_v)]
@@ -182,7 +182,12 @@ def _multi_head(
         y = y.reshape(B, N, 3, d, H).permute(2, 0, 4, 1, 3)
     q, k, v = y[order[0]], y[order[1]], y[order[2]]  # [B, H, N, d]
     out = _softmax_attention(q, k, v, 1 / math.sqrt(d) if scale is None else scale)
-    out = out.transpose(1, 2).reshape(B, N, D) if merge == "transpose" else out.reshape(B, N, D)
+    if merge == "transpose":
+        out = out.transpose(1, 2).reshape(B, N, D)
+    elif merge == "dh":  # heads interleaved: features laid out (d, H)
+        out = out.permute(0, 2, 3, 1).reshape(B, N, D)
+    else:
+        out = out.reshape(B, N, D)
     return proj(out) if out_proj else out
 
 
@@ -197,14 +202,14 @@ def _multi_head_variants(x: torch.Tensor, qkv: nn.Linear, proj: nn.Linear, H: in
             variants.append(
                 (
                     f"q, k and v are taken in the wrong order (you used {took}). The fused qkv output holds "
-                    "[q | k | v] along its 3·D features: after reshape(B, N, 3, H, d), index 0 is q, 1 is k, 2 is v.",
+                    "[q | k | v] along its 3·D features, in that order: the first D features are q.",
                     lambda order=order: _multi_head(x, qkv, proj, H, order=order),
                 )
             )
     variants += [
         (
             "the 3·D features of qkv(x) are laid out (3, H, d) — all of q, then all of k, then all of v — so "
-            "reshape to (B, N, 3, H, d), not (B, N, H, 3, d).",
+            "view them as [B, T, 3, H, d], not [B, T, H, 3, d].",
             lambda: _multi_head(x, qkv, proj, H, layout="h3d"),
         ),
         (
@@ -213,9 +218,15 @@ def _multi_head_variants(x: torch.Tensor, qkv: nn.Linear, proj: nn.Linear, H: in
             lambda: _multi_head(x, qkv, proj, H, layout="3dh"),
         ),
         (
-            "the heads are merged wrongly: go back with out.transpose(1, 2).reshape(B, N, D). Reshaping the "
-            "[B, H, N, d] output straight to [B, N, D] mixes the tokens of different heads.",
+            "the heads are merged wrongly: reshaping the [B, H, T, d] output straight to [B, T, D] mixes the "
+            "tokens of different heads. Bring the token axis next to the batch first, [B, T, H, d], then merge.",
             lambda: _multi_head(x, qkv, proj, H, merge="reshape"),
+        ),
+        (
+            "the heads are merged in the wrong order: each token's D features must come back laid out (H, d), "
+            "head 0's d features first, then head 1's, as qkv split them. Yours are (d, H): the heads are "
+            "interleaved feature by feature, so proj reads every head's output in the wrong place.",
+            lambda: _multi_head(x, qkv, proj, H, merge="dh"),
         ),
         (
             "the output projection is missing: return proj(merged heads).",
@@ -244,7 +255,7 @@ def _multi_head_variants(x: torch.Tensor, qkv: nn.Linear, proj: nn.Linear, H: in
 
 def check_multi_head(multi_head_attention: Callable) -> None:
     """Exercise 3.2: ``multi_head_attention(x, qkv, proj, num_heads)`` equals ``minidit.attention.Attention``
-    with the same ``qkv`` and ``proj`` Linears. x [B, N, D] -> [B, N, D]."""
+    with the same ``qkv`` and ``proj`` Linears. x [B, T, D] -> [B, T, D]."""
     for n, (B, N, D, H) in enumerate(_MULTI_HEAD_CASES):
         g = checks.seeded(40 + n)
         ref = _fill_(Attention(D, H, backend="math"), g)
@@ -255,7 +266,7 @@ def check_multi_head(multi_head_attention: Callable) -> None:
                 got = checks.call(MULTI_HEAD, multi_head_attention, x, ref.qkv, ref.proj, H)
                 got = checks.expect_tensor(MULTI_HEAD, got)
                 expected = ref(x)
-                hints = {(B, H, N, D // H): "merge the heads back to [B, N, D] (and apply proj)."}
+                hints = {(B, H, N, D // H): "merge the heads back to [B, T, D] (and apply proj)."}
                 checks.expect_shape(MULTI_HEAD, got, (B, N, D), hints)
                 checks.expect_close(
                     MULTI_HEAD,
@@ -311,10 +322,33 @@ def _mlp_variants(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> list[Varia
         ),
         ("there is no activation between fc1 and fc2: fc2(GELU_tanh(fc1(x))).", lambda: fc2(fc1(x))),
         (
-            "the activation goes BETWEEN fc1 and fc2 (fc2(GELU_tanh(fc1(x)))), not after fc2.",
+            "the activation goes BETWEEN fc1 and fc2, not after fc2.",
             lambda: F.gelu(fc2(fc1(x)), approximate="tanh"),
         ),
+        (
+            f"your GELU is twice too large: the leading factor ½ is missing from {_TANH_FORMULA}.",
+            lambda: fc2(fc1(x) * (1 + torch.tanh(c * (fc1(x) + 0.044715 * fc1(x) ** 3)))),
+        ),
+        (
+            f"the constant is √(2/π) ≈ 0.798, not √(2π) ≈ 2.507: {_TANH_FORMULA}.",
+            lambda: fc2(0.5 * fc1(x) * (1 + torch.tanh(math.sqrt(2 * math.pi) * (fc1(x) + 0.044715 * fc1(x) ** 3)))),
+        ),
+        (
+            f"0.044715 multiplies h³ inside the bracket that √(2/π) multiplies: {_TANH_FORMULA}.",
+            lambda: fc2(0.5 * fc1(x) * (1 + torch.tanh(c * fc1(x) + 0.044715 * fc1(x) ** 3))),
+        ),
+        (
+            f"that is h·tanh(...) without the 1 +: {_TANH_FORMULA}.",
+            lambda: fc2(0.5 * fc1(x) * torch.tanh(c * (fc1(x) + 0.044715 * fc1(x) ** 3))),
+        ),
     ]
+
+
+def _hidden_gelu(*args, **kwargs):
+    raise ExerciseFailed(
+        f"Exercise {MLP}: write the tanh GELU yourself, from its equation; F.gelu and nn.GELU are switched off "
+        "while this check runs."
+    )
 
 
 def check_mlp(mlp: Callable) -> None:
@@ -329,8 +363,14 @@ def check_mlp(mlp: Callable) -> None:
         what = f"x {list(x.shape)}, fc1 Linear({D}, {4 * D}), fc2 Linear({4 * D}, {D})"
         try:
             with torch.no_grad():
-                got = checks.expect_tensor(MLP, checks.call(MLP, mlp, x, ref.fc1, ref.fc2))
                 expected = ref(x)
+                gelu = F.gelu
+                F.gelu = _hidden_gelu  # the learner writes the activation; nn.GELU calls F.gelu too
+                try:
+                    got = checks.expect_tensor(MLP, checks.call(MLP, mlp, x, ref.fc1, ref.fc2))
+                finally:
+                    F.gelu = gelu
+                checks.expect_dtype(MLP, got, x.dtype, "The MLP keeps the dtype of its input (no .double()).")
                 hints = {(B, N, 4 * D): f"that is fc1's output width 4D = {4 * D}: did you forget fc2?"}
                 checks.expect_shape(MLP, got, (B, N, D), hints)
                 checks.expect_close(
@@ -354,6 +394,10 @@ def check_mlp(mlp: Callable) -> None:
 #: The last case has small activations (x * 0.01), where LayerNorm's eps 1e-6 vs 1e-5 shows.
 _BLOCK_CASES = [(3, 3, 16, 4, 1.0), (2, 7, 12, 3, 1.0), (2, 5, 8, 2, 0.01)]
 
+_CHUNK_HINT = (
+    "You split adaLN_modulation(c) with chunk(6) and no dim: chunk splits dim 0, the BATCH axis, by default. "
+    "The six vectors lie side by side along the feature axis of [B, 6D]: split that axis."
+)
 _NAMES = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 
 
@@ -370,6 +414,7 @@ def _block(
     unsqueeze: bool = True,
     silu: bool = True,
     post_norm: bool = False,
+    post_norm_modulated: bool = False,
     residual: bool = True,
 ) -> torch.Tensor:
     """The DiT block, right (the defaults) or with one of the usual slips, on ``ref``'s weights.
@@ -392,6 +437,9 @@ def _block(
     def add(x, gate, use_gate, out):
         return (x if residual else 0) + (u(gate) * out if use_gate else out)
 
+    if post_norm_modulated:  # post-norm, with modulate applied to the LayerNorm's output
+        x = mod(ln(add(x, gate_msa, gates[0], ref.attn(x))), shift_msa, scale_msa)
+        return mod(ln(add(x, gate_mlp, gates[1], ref.mlp(x))), shift_mlp, scale_mlp)
     if post_norm:
         x = ln(add(x, gate_msa, gates[0], ref.attn(mod(x, shift_msa, scale_msa))))
         return ln(add(x, gate_mlp, gates[1], ref.mlp(mod(x, shift_mlp, scale_mlp))))
@@ -407,7 +455,10 @@ _PLAUSIBLE_ORDERS = {
     (1, 2, 0, 4, 5, 3): "you unpacked each branch as (gate, shift, scale)",
     (2, 0, 1, 5, 3, 4): "you unpacked each branch as (scale, gate, shift)",
 }
-_ORDER = "shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)"
+_ORDER = (
+    "(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp): chunks 0 to 5 of adaLN_modulation(c) "
+    "along its feature axis"
+)
 
 
 def _order_hint(order: tuple[int, ...], why: str | None = None) -> str:
@@ -463,6 +514,22 @@ def _block_variants(ref: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> list[Var
             "this is a post-norm block (LN after the residual add). The DiT is pre-norm: x = x + gate·Attn(modulate("
             "LN(x), ...)); the residual stream itself is never normalised.",
             lambda: _block(ref, x, c, post_norm=True),
+        ),
+        (
+            "this is a post-norm block: you add the residual first and then normalise and modulate. The DiT is "
+            "pre-norm: each branch normalises and modulates its INPUT, x + gate·f(modulate(LN(x), shift, scale)); "
+            "the residual stream itself is never normalised.",
+            lambda: _block(ref, x, c, post_norm_modulated=True),
+        ),
+        (
+            "the MLP branch reuses the attention branch's shift and scale: each branch has its own three vectors, "
+            "and the MLP's are the last three (chunks 3, 4, 5).",
+            lambda: _block(ref, x, c, order=(0, 1, 2, 0, 1, 5)),
+        ),
+        (
+            "the MLP branch reuses the attention branch's shift, scale and gate: each branch has its own three "
+            "vectors, and the MLP's are the last three (chunks 3, 4, 5).",
+            lambda: _block(ref, x, c, order=(0, 1, 2, 0, 1, 2)),
         ),
     ]
     if B == T:
@@ -538,7 +605,8 @@ def check_dit_block(block_class: type) -> None:
             _load(block, ref)
             block.eval()
             with torch.no_grad():
-                got = checks.expect_tensor(DIT_BLOCK, checks.call(DIT_BLOCK, block, x, c))
+                got = checks.call_watching_chunks(DIT_BLOCK, block, x, c, chunks=6, hint=_CHUNK_HINT)
+                got = checks.expect_tensor(DIT_BLOCK, got)
                 expected = ref(x, c)
                 hints = {(B, T, 6 * D): "chunk the [B, 6D] modulation into six [B, D] vectors along dim=1."}
                 checks.expect_shape(DIT_BLOCK, got, (B, T, D), hints)

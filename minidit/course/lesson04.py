@@ -282,21 +282,51 @@ def _expect_normal(ex: str, name: str, w: torch.Tensor, std: float, hint: str) -
     checks.fail(ex, f"{name} {tuple(w.shape)} should be N(0, {std}^2): got mean {mean:.4f}, std {got_std:.4f}. {hint}")
 
 
+_DRAW_ORDER = (
+    "With the same seed, the reference draws its random numbers in this order: (1) every nn.Linear, in the order "
+    "model.modules() visits them, a Xavier-uniform weight (biases are zeros: no draw); (2) pos_embed, no draw; "
+    "(3) the patch embedding's weight, Xavier-uniform on its [D, C*p*p] view; (4) the label table, then the weights "
+    "of t_embedder.mlp[0] and mlp[2], each N(0, 0.02^2); (5) zeros, no draw. Another order, or one draw too many "
+    "(a tensor initialised twice), shifts every number after it."
+)
+
+
 def check_initialize_weights(fn) -> None:
-    """``fn(model)`` initialises a DiT in place, as the reference does (dit-facts 3)."""
+    """``fn(model)`` initialises a DiT in place, as the reference does: the right distributions (named in the
+    hints), and with the same seed exactly the reference's numbers (same draws, same order)."""
     ex = "4.2 (initialize_weights)"
     for i, config in enumerate(_INIT_CASES):
         model = _fresh_dit(**config)
         _scramble(model, seed=100 + i)
         with _seed(3):
             checks.call(ex, fn, model)
+        reference = _fresh_dit(**config)
+        _scramble(reference, seed=100 + i)
+        with _seed(3):
+            reference.initialize_weights()
         D, p, C = model.hidden_size, model.patch_size, model.in_channels
         where = f" [model: D={D}, p={p}, C={C}, depth {len(model.blocks)}, out_channels={model.out_channels}]"
         try:
             _check_init(ex, model, D, p, C)
+            _check_same_numbers(ex, model, reference)
         except ExerciseFailed as e:
             raise ExerciseFailed(f"{e}{where}") from None
     checks.passed(ex)
+
+
+def _check_same_numbers(ex: str, model: DiT, reference: DiT) -> None:
+    """Every tensor equal to the reference's, drawn from the same seed (the statistics are already right)."""
+    mine = dict(model.named_parameters())
+    for name, want in reference.named_parameters():
+        got = mine[name].detach()
+        if got.dtype != want.dtype:
+            checks.fail(ex, f"{name} is {got.dtype}, the model's parameters are {want.dtype}.")
+        if not torch.equal(got, want.detach()):
+            checks.fail(
+                ex,
+                f"{name} has the right distribution but not the reference's numbers (the global RNG was seeded "
+                f"the same way for both). {_DRAW_ORDER}",
+            )
 
 
 def _check_init(ex: str, model: DiT, D: int, p: int, C: int) -> None:
@@ -477,6 +507,13 @@ def check_count_params_and_macs(fn) -> None:
             checks.fail(ex, f"return a pair (params, gmacs), got {type(got).__name__}.")
         params, gmacs = got
         params = params.item() if isinstance(params, torch.Tensor) else params
+        if isinstance(params, float):
+            checks.fail(
+                ex,
+                f"{name}: params is a float ({params:,}): a parameter count is an int. A / where // belongs "
+                "(T = (input_size / p) ** 2 is a float) makes everything after it a float, and the lesson's "
+                "table prints it with {:,}.",
+            )
         gmacs = gmacs.item() if isinstance(gmacs, torch.Tensor) else gmacs
         k = _count_parts(**cfg)
         if int(params) != params or int(params) != want_params:
@@ -683,15 +720,14 @@ def check_load_official(fn) -> None:
                     hint = ""
                     if "module." in str(e):
                         hint = (
-                            " Strip the 'module.' prefix that DistributedDataParallel adds to every key "
-                            "(k.removeprefix('module.')) before load_state_dict."
+                            " Strip the 'module.' prefix that DistributedDataParallel adds to every key before loading."
                         )
                     elif "ema" in str(e) or "opt" in str(e) or "args" in str(e):
-                        hint = ' Unwrap training checkpoints: use obj["ema"] when present (else obj["model"]).'
+                        hint = ' Unwrap training checkpoints: take their "ema" weights when present, else "model".'
                     checks.fail(ex, f"on {what}: " + _raised(e) + hint)
             if not rec.calls:
-                checks.fail(ex, "the check saw no call of torch.load: read the file with torch.load(path, "
-                            "map_location='cpu', weights_only=True) (or minidit.checkpoint.read_file).")  # fmt: skip
+                checks.fail(ex, "the check saw no call of torch.load: read the file with torch.load, in its safe "
+                            "mode (or with minidit.checkpoint.read_file).")  # fmt: skip
             if any(w is not True for w in rec.calls):
                 w = next(w for w in rec.calls if w is not True)
                 detail = "without weights_only" if w == "missing" else f"with weights_only={w!r}"
