@@ -5,8 +5,9 @@ Point ``MINIDIT_REFERENCE_DIT`` at a checkout of the reference code
 
     MINIDIT_REFERENCE_DIT=/path/to/DiT python -m pytest tests/test_reference.py
 
-Without the variable every test here is skipped. Nothing of the reference is in this
-repository: it is imported from that checkout, under private module names. Every
+Without the variable every test here is skipped (without timm, those that build the reference
+model). Nothing of the reference is in this repository: it is imported from that checkout,
+under private module names. Every
 comparison is ``torch.equal``: initial weights under one seed, the forward pass (eval and
 training-mode label dropout), ``forward_with_cfg``, ``training_losses`` and their
 gradients, respacing (index sets and every table), ``p_mean_variance``, and DDPM and
@@ -15,11 +16,11 @@ DDIM sampling loops with guidance.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,10 +73,20 @@ def ref():
     root = Path(root).expanduser()
     if not (root / "models.py").is_file() or not (root / "diffusion" / "__init__.py").is_file():
         pytest.fail(f"{ENV}={root}: not a checkout of the reference DiT (expected models.py and diffusion/)")
-    pytest.importorskip("timm", reason=f"the reference models.py ({ENV}) imports timm: pip install timm")
-    models = _load("_dit_reference_models", root / "models.py")
-    diffusion = _load("_dit_reference_diffusion", root / "diffusion" / "__init__.py", root / "diffusion")
-    return SimpleNamespace(models=models, diffusion=diffusion)
+    return Reference(root)
+
+
+class Reference:
+    """The checkout's ``diffusion`` package, and its ``models`` module when a test needs it (it imports timm)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.diffusion = _load("_dit_reference_diffusion", root / "diffusion" / "__init__.py", root / "diffusion")
+
+    @functools.cached_property
+    def models(self):
+        pytest.importorskip("timm", reason=f"the reference models.py ({ENV}) imports timm: pip install timm")
+        return _load("_dit_reference_models", self.root / "models.py")
 
 
 def build_pair(ref, name: str | None, kwargs: dict, seed: int = 0):
