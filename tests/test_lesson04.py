@@ -88,6 +88,14 @@ def forward_calls_model(model, x, t, y):
     return model(x, t, y)
 
 
+def forward_blocks_twice(model, x, t, y):
+    x = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y, model.training)
+    for block in list(model.blocks) * 2:
+        x = block(x, c)
+    return model.unpatchify(model.final_layer(x, c))
+
+
 FORWARD_MUTANTS = [
     ("no pos_embed", forward_no_pos, ("you forgot the position table",)),
     ("c = t_embedder(t) only", forward_t_only, ("the condition ignores the label",)),
@@ -96,6 +104,7 @@ FORWARD_MUTANTS = [
     ("returns the tokens", forward_tokens, ("You returned the tokens: unpatchify them",)),
     ("calls model(...)", forward_calls_model, ("build the forward from the model's submodules",)),
     ("numpy result", lambda m, x, t, y: dit_forward(m, x, t, y).numpy(), ("should be a torch.Tensor",)),
+    ("the blocks run twice", forward_blocks_twice, ("no known slip matches", "every block once")),
 ]
 
 
@@ -302,6 +311,13 @@ def counts_float(*args, **kwargs):  # T = (input_size / p) ** 2: a float count
     return float(params), gmacs
 
 
+def counts_final_ada_per_token(*args, **kwargs):
+    params, gmacs = count_params_and_macs(*args, **kwargs)
+    cfg = dict(zip(("depth", "hidden_size", "patch_size", "input_size"), args), **kwargs)
+    T, D = (cfg.get("input_size", 32) // cfg["patch_size"]) ** 2, cfg["hidden_size"]
+    return params, gmacs + (T - 1) * 2 * D * D / 1e9
+
+
 COUNT_MUTANTS = [
     ("FLOPs, not MACs", counts_with(flops=True), ("you counted FLOPs",)),
     ("no attention matmuls", counts_with(no_attn=True), ("you left out the attention matmuls",)),
@@ -309,6 +325,7 @@ COUNT_MUTANTS = [
     ("K rows, no null row", counts_with(no_null=True), ("num_classes + 1 rows",)),
     ("final Linear to C, not 2C", counts_with(out_c=True), ("out_channels = 2C when learn_sigma",)),
     ("params as a float", counts_float, ("params is a float", "//")),
+    ("the final layer's regressor run per token", counts_final_ada_per_token, ("no single known slip", "term by term")),
 ]
 
 
@@ -367,6 +384,8 @@ CFG_MUTANTS = [
     ("variance channels guided", cfg_guides_variance, ("you guided the variance channels too",)),
     ("calls model.forward_with_cfg", lambda m, *a, **k: m.forward_with_cfg(*a, **k), ("write the guidance yourself",)),
     ("numpy result", lambda *a, **k: forward_with_cfg(*a, **k).numpy(), ("should be a torch.Tensor",)),
+    ("guidance scale doubled", lambda m, x, t, y, s, **k: forward_with_cfg(m, x, t, y, 2 * s, **k),
+     ("no known slip matches",)),
 ]  # fmt: skip
 
 

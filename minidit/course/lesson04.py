@@ -201,8 +201,9 @@ def check_dit_forward(fn) -> None:
                 if checks.matches(g, candidate, atol=1e-5):
                     return hint
             return (
-                "check the order: tokens = x_embedder(x) + pos_embed; c = t_embedder(t) + y_embedder(y, "
-                "model.training); every block(tokens, c); final_layer(tokens, c); model.unpatchify."
+                "no known slip matches: go through the equations of section 1 line by line (tokens and "
+                "position table, the condition, every block once and in order, the final layer with the same "
+                "condition, unpatchify)."
             )
 
         try:
@@ -493,8 +494,9 @@ def _macs_hint(got: float, want: float, k: dict) -> str:
         if close(got, value):
             return hint
     return (
-        "per image: patch embedding T*(C*p*p)*D, timestep MLP 256*D + D*D, per block 6D^2 (adaLN) + T*12*D^2 "
-        "(qkv 3D^2, proj D^2, MLP 8D^2) + 2*T^2*D (attention), final layer 2D^2 + T*D*p*p*out_channels."
+        "no single known slip explains it: go term by term, per image: the patch embedding and the final Linear "
+        "(per token), the timestep MLP (per image), and in each block the adaLN regressor (per image), qkv, proj "
+        "and the MLP (per token) and the two attention matmuls."
     )
 
 
@@ -631,7 +633,10 @@ def check_forward_with_cfg(fn) -> None:
                         continue
                     if checks.matches(gt, _cfg_variant(model, x, t, y, s, nn_, how), atol=1e-5):
                         return hint
-            return "check: half = x[:B]; run [half, half] with y; cond, uncond = the two halves of out[:, :n]."
+            return (
+                "no known slip matches: one forward pass of the first half of x, twice; the conditional and "
+                "unconditional predictions are the two halves of its output; guide the first n channels only."
+            )
 
         try:
             checks.expect_close(ex, got, expected, atol=1e-5, rtol=1e-5, diagnose=diagnose, what="outputs")
