@@ -134,6 +134,16 @@ def test_help_lists_every_field_with_a_description(capsys):
         assert len(line.split()) >= 4, f"no description: {line!r}"  # flag, default, then words
 
 
+def test_readme_shows_what_the_code_prints_for_a_model_typo():
+    import re
+
+    shown = re.search(r"`error: (unknown model 'DiT-XL/3' \(did you mean [^)]*\));", (ROOT / "README.md").read_text())
+    assert shown, "README.md: the Training section's example of a bad model name"
+    with pytest.raises(UserError) as e:
+        C.build_config("toy", {"model": "DiT-XL/3"})
+    assert str(e.value).startswith(shown.group(1))
+
+
 def test_toy_class_count_matches_the_toy_data():
     from minidit import toy
 
