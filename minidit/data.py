@@ -141,14 +141,14 @@ def _find_images(folder: str) -> tuple[list[str], int]:
 def _overlapping_classes(root: Path, classes: list[str]) -> str | None:
     """A description of two class folders (or a class folder and the root) that are the same folder or one
     inside the other through links, or None. Class folders may be links, but never to each other."""
-    real = {name: os.path.realpath(root / name) for name in classes}
-    top = os.path.realpath(root)
-    for a in classes:
-        if top == real[a] or top.startswith(real[a] + os.sep):
-            return f"class folder {a} links to the dataset folder itself"
-        for b in classes:
-            if a != b and (real[a] == real[b] or real[a].startswith(real[b] + os.sep)):
-                return f"class folder {a} is {'the same folder as' if real[a] == real[b] else 'inside'} {b} ({real[a]})"
+    top = Path(os.path.realpath(root)).parts
+    real = sorted((Path(os.path.realpath(root / name)).parts, name) for name in classes)  # a folder, then its insides
+    for (outer, a), (inner, b) in zip(real, real[1:]):
+        if inner[: len(outer)] == outer:
+            return f"class folder {b} is {'the same folder as' if inner == outer else 'inside'} {a} ({Path(*inner)})"
+    for parts, name in real:
+        if top[: len(parts)] == parts:
+            return f"class folder {name} links to the dataset folder itself"
     return None
 
 
