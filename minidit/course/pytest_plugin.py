@@ -1,8 +1,8 @@
 """What ``pytest --nbval lessons/NN_name.ipynb`` shows a student (loaded by ``lessons/conftest.py``, or
 by ``pytest -p minidit.course.pytest_plugin`` for a lesson saved elsewhere).
 
-nbval runs every code cell of a notebook, in order, in one kernel, as one pytest item. For a notebook in a
-``lessons/`` folder this plugin changes three things:
+nbval runs every code cell of a notebook, in order, in one kernel, as one pytest item. For a lesson notebook
+(``is_lesson``) this plugin changes three things:
 
 - **Saved outputs never fail.** No output is compared, for every cell, the learner's own included: only an
   error raised now fails a cell. (Solution notebooks elsewhere keep nbval's strict comparison.)
@@ -13,10 +13,14 @@ nbval runs every code cell of a notebook, in order, in one kernel, as one pytest
   NotImplementedError, or a name that the exercise or a cell skipped for it defines) is *skipped* for
   that reason; and a closing section lists every exercise, passed or not, with the lesson's progress::
 
-      ✅ Exercise 1.1 (patchify) passed
-      ❌ Exercise 1.2 (patchify_einops): not implemented yet: replace the `raise ...` line with your code.
-         skipped until it passes: cell 18
-      lesson 01: 1 of 5 exercises done; next: Exercise 1.2 (patchify_einops)
+      ❌ Exercise 1.1 (patchify): tokens differ from the reference: ... channels LAST, ...
+      ✅ Exercise 1.2 (patchify_einops) passed
+      ⬜ Exercise 1.3 (unpatchify): not done yet: replace the `raise NotImplementedError(...)` line with ...
+         skipped until it passes: cell 23 (print("round trip exact:", torc…)
+      lesson 01: 1 of 5 exercises done; next: Exercise 1.1 (patchify)
+
+  These failures still count ("4 failed") and fail the run; they are left out of pytest's FAILURES and
+  short summary sections, which keep every other failure.
 
 An exercise is a code cell whose first line is ``# Exercise N.M (name)``; its check cell is the code cell
 tagged ``exercise-check`` that follows it (``python -m minidit.course build`` tags it), or else the next code
