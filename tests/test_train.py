@@ -625,3 +625,67 @@ def test_the_guard_sees_any_change_in_a_guarded_folder(tmp_path):
     assert after != before
     (tmp_path / "runs" / "toy").mkdir(parents=True)
     assert snapshot(roots) != after
+
+
+# --------------------------------------------------------------------------
+# Label drops and flips, seen from inside a real run
+# --------------------------------------------------------------------------
+
+
+def test_training_drops_ten_percent_of_labels_to_the_null_class_and_flips_half_the_images(tmp_path, monkeypatch):
+    """Through the trainer's own path (folder data, pixel flips): the labels the model actually embeds and the
+    images ``training_losses`` receives, over 16 steps x 64 images. Deterministic (seeded); the windows are
+    about 3 standard deviations wide, so a drop rate of 0 or 1, a wrong null index, no flips or only flips fail."""
+    import numpy as np
+    from conftest import save_image
+
+    classes, per_class, size = 3, 4, 16
+    for c in range(classes):
+        for i in range(per_class):
+            arr = np.zeros((size, size, 3), dtype=np.uint8)
+            arr[:, size // 2 :] = 255  # dark left half, bright right half: a flipped image is bright on the left
+            arr[0, 0] = 10 * (per_class * c + i)  # distinct files
+            save_image(tmp_path / "imgs" / f"c{c}" / f"{i}.png", arr)
+
+    embedded, seen_y, seen_x = [], [], []
+
+    def record_embedding(module, args):
+        if isinstance(module, torch.nn.Embedding) and module.training:
+            embedded.append(args[0].detach().clone())
+
+    real = train.create_diffusion
+
+    def recording(*args, **kwargs):
+        d = real(*args, **kwargs)
+        losses = d.training_losses
+
+        def training_losses(model, x_start, t, model_kwargs=None, noise=None):
+            seen_y.append(model_kwargs["y"].detach().clone())
+            seen_x.append(x_start.detach().clone())
+            return losses(model, x_start, t, model_kwargs=model_kwargs, noise=noise)
+
+        d.training_losses = training_losses
+        return d
+
+    monkeypatch.setattr(train, "create_diffusion", recording)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record_embedding)
+    try:
+        run_train(
+            tmp_path, "--data", "folder", "--data-path", str(tmp_path / "imgs"), "--image-size", str(size),
+            "--global-batch-size", "64", "--max-steps", "16", "--ckpt-every", "16", "--log-every", "16",
+            "--num-workers", "0", "--hflip", "true",  # flips are off by default for folders; the drop rate is not
+        )  # fmt: skip
+    finally:
+        handle.remove()
+
+    y, got = torch.cat(seen_y), torch.cat(embedded)
+    assert len(y) == len(got) == 16 * 64
+    dropped = got != y
+    assert torch.all(got[dropped] == classes), "a dropped label must become the null class (index num_classes)"
+    assert 0.07 <= dropped.float().mean().item() <= 0.13  # class_dropout_prob 0.1
+    x = torch.cat(seen_x)  # [N, 3, 16, 16] in [-1, 1]
+    flipped = x[..., : size // 2].mean(dim=(1, 2, 3)) > x[..., size // 2 :].mean(dim=(1, 2, 3))
+    assert 0.44 <= flipped.float().mean().item() <= 0.56  # horizontal flips with probability 0.5
+    for preset in ("cifar10", "imagenet256-xl2"):  # the reference recipe: both on by default
+        cfg = C.build_config(preset)
+        assert cfg.class_dropout_prob == 0.1 and cfg.hflip, preset
