@@ -355,10 +355,9 @@ def test_official_cifar10_loads_without_warning_and_a_tampered_copy_warns(tmp_pa
 
 
 def test_cifar10_offline_without_files_is_a_quick_data_error(tmp_path, no_download):
-    t0 = time.perf_counter()
     with pytest.raises(DataError, match="cannot download CIFAR-10 to .*by hand") as e:
         cifar10(root=tmp_path / "cifar")
-    assert time.perf_counter() - t0 < 5 and len(no_download) == 1
+    assert len(no_download) == 1  # one attempt, no retries: quick
     assert "name resolution" in str(e.value) and one_line(str(e.value))
     with pytest.raises(DataError, match="cannot download CIFAR-10"):
         load_cifar10_arrays(tmp_path / "cifar", train=False)

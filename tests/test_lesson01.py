@@ -425,10 +425,7 @@ def test_a_numpy_table_breaks_the_cells_after_the_check():
         pos_embed_vectorised(8, 2).numpy().float()
 
 
-def test_checks_are_deterministic_and_fast(capsys):
-    import time
-
-    start = time.perf_counter()
+def test_checks_are_deterministic(capsys):
     for check, fn in (
         (lesson01.check_patchify, patchify_right),
         (lesson01.check_unpatchify, unpatchify_right),
@@ -436,7 +433,6 @@ def test_checks_are_deterministic_and_fast(capsys):
         (lesson01.check_pos_embed, pos_embed_vectorised),
     ):
         check(fn)
-    assert time.perf_counter() - start < 4.0
     first = None
     for _ in range(2):
         with pytest.raises(ExerciseFailed) as info:
