@@ -64,6 +64,12 @@ def check_guidance(model: DiT, cfg_scale: float) -> None:
         )
 
 
+def check_steps(num_steps: int, diffusion_steps: int) -> None:
+    """Sampling takes 2..T respaced steps of a model trained with T diffusion steps."""
+    if not 2 <= num_steps <= diffusion_steps:
+        raise UserError(f"--num-steps {num_steps}: must be in 2..{diffusion_steps} (the model's diffusion steps)")
+
+
 @torch.no_grad()
 def generate(
     model: DiT,
@@ -93,6 +99,7 @@ def generate(
     if sampler not in ("ddpm", "ddim"):
         raise UserError(f"--sampler {sampler!r}: choose ddpm or ddim")
     check_guidance(model, cfg_scale)
+    check_steps(num_steps, diffusion_steps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices)
     diffusion = create_diffusion(str(num_steps), noise_schedule, model.learn_sigma, diffusion_steps)
@@ -375,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     default_outputs(args, info["run_dir"])
     trained = info["train_config"]  # a minidit run knows its schedule; released weights use the default
     schedule, steps = trained.get("noise_schedule", "linear"), trained.get("diffusion_steps", 1000)
-    if args.num_steps > steps:
-        raise UserError(f"--num-steps {args.num_steps}: the model was trained with {steps} diffusion steps")
+    check_steps(args.num_steps, steps)
     check_guidance(model, args.cfg_scale)
     model.to(device)
     names = info["class_names"]
