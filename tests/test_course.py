@@ -86,6 +86,15 @@ def patchify(x, p):
     x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # channels first: a plausible slip
     return x.reshape(B, (H // p) * (W // p), C * p * p)
 """
+CRASHING_UNPATCHIFY = """# Exercise 1.3 (unpatchify)
+def unpatchify(x, p, c):
+    B, T, _ = x.shape
+    return x.reshape(B, c, T, p)
+"""
+BROKEN_EMBED = """# Exercise 1.4 (patch_embed_as_linear)
+def patch_embed_as_linear(conv):
+    return nn.Linear(conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels
+"""
 
 
 def run_nbval(target: str, cwd: Path) -> str:
@@ -201,11 +210,12 @@ def test_saved_outputs_never_fail_a_learner(saved_from_a_kernel):
 
 @pytest.fixture(scope="module")
 def wrong_answer(tmp_path_factory) -> str:
-    """Exercise 1.1 wrong (channels first), 1.2 solved, the rest not done, and a cell of the learner's own
-    that fails for a reason of its own; run from the folder above lessons/."""
+    """Exercise 1.1 wrong (channels first), 1.2 solved, 1.3 crashing, 1.4 a syntax error, 1.5 not done, and
+    a cell of the learner's own that fails for a reason of its own; run from the folder above lessons/."""
 
     def edit(nb):
-        paste(nb, ["1.1", "1.2"], {**answers(), "1.1": WRONG_PATCHIFY})
+        mine = {"1.1": WRONG_PATCHIFY, "1.3": CRASHING_UNPATCHIFY, "1.4": BROKEN_EMBED}
+        paste(nb, ["1.1", "1.2", "1.3", "1.4"], {**answers(), **mine})
         nb.cells.insert(3, nbformat.v4.new_code_cell("ratio = 1 / 0  # my own cell"))
 
     path = lesson_copy(tmp_path_factory.mktemp("wrong"), edit)
@@ -227,7 +237,20 @@ def test_a_wrong_answer_fails_with_its_hint_in_one_line(wrong_answer):
     # the learner's own failing cell: a failure, named by its first line, with its traceback, without colours
     assert "01_patchify.ipynb, cell 4: ratio = 1 / 0  # my own cell" in wrong_answer
     assert "ZeroDivisionError" in wrong_answer, wrong_answer
-    assert re.search(rf"\b{n} failed, \d+ passed", wrong_answer), wrong_answer  # n - 1 exercises + that cell
+    # a crash names the learner's line; a syntax error in an exercise cell is that exercise's failure
+    line = exercise_lines(wrong_answer, "1.3 (unpatchify)")
+    crash = r"your function raised RuntimeError: shape .* is invalid .* \(in unpatchify, line 4 of its cell: "
+    assert len(line) == 1 and re.search(crash + re.escape("`return x.reshape(B, c, T, p)`)"), line[0]), line
+    line = exercise_lines(wrong_answer, "1.4 (patch_embed_as_linear)")
+    assert len(line) == 1 and re.match(r"❌ Exercise 1.4 \(\w+\): cell \d+ \(your code\) raised SyntaxError", line[0])
+    assert re.search(r"\(line 3\)$", line[0]), line  # the line in the cell, not the kernel's file name
+    # a cell using 1.1 (wrong) and 1.3 (crashing) that crashes in 1.3's function is skipped for 1.3
+    assert re.search(
+        r"❌ Exercise 1.3 [^\n]*\n   skipped until it passes: cell \d+ \(print\(\"round trip", wrong_answer
+    )
+    assert "\nSyntaxError: " in wrong_answer.split("short test summary")[0]  # its traceback, in FAILURES
+    # failures: n - 1 exercises (1.2 passed), the exercise cell of 1.4, and the learner's cell
+    assert re.search(rf"\b{n + 1} failed, \d+ passed", wrong_answer), wrong_answer
     assert wrong_answer.endswith("exit status 1")
     assert_plain(wrong_answer)
 
@@ -242,9 +265,11 @@ def test_plugin_reads_names_and_places(tmp_path):
         lesson = tmp_path / path.name
         shutil.copy(ROOT / "lessons" / path.name, lesson)
         assert plugin.is_lesson(lesson)  # a lesson saved outside lessons/, e.g. downloaded from Colab
-    src = "!pip install x\nimport numpy as np\ndef f(a):\n    return g(a)\ntokens, (u, v) = f(1), (2, 3)\n"
-    assert plugin.names_defined(src) == {"np", "f", "tokens", "u", "v"}
+    src = "!pip install x\nimport numpy as np\ndef f(a):\n    b = 1\n    return g(a)\ntokens, (u, v) = f(1), (2, 3)\n"
+    src += "for i in range(2):\n    w = [j for j in range(i)]\n"
+    assert plugin.names_defined(src) == {"np", "f", "tokens", "u", "v", "i", "w"}  # not f's b, not j
     assert {"g", "f", "a"} <= plugin.names_used(src)
+    assert plugin.names_defined("def f(x):\n    return (x\nclass K:\n") == {"f", "K"}  # a syntax error
     stub = build.strip_solution("# Exercise 7.2 (x_y)\n### BEGIN SOLUTION\n### END SOLUTION\n", "t")
     assert build.STUB_RAISED.search(stub).groups() == ("7.2", "x_y")
     assert plugin.plain("\x1b[31mNameError\x1b[39m: x") == "NameError: x"

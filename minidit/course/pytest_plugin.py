@@ -78,15 +78,23 @@ def _parse(source: str) -> ast.AST | None:
 
 
 def names_defined(source: str) -> set[str]:
-    """Top-level and nested names a cell binds (functions, classes, imports, assignments)."""
-    tree, out = _parse(source), set()
-    for node in ast.walk(tree) if tree else ():
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            out.add(node.name)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            out.add(node.id)
-        elif isinstance(node, ast.alias):
-            out.add((node.asname or node.name).split(".")[0])
+    """The names a cell binds in the notebook's namespace (functions, classes, imports, assignments; not
+    the local names inside its functions); of a cell with a syntax error, the functions and classes it
+    starts to define."""
+    tree = _parse(source)
+    if tree is None:
+        return set(re.findall(r"^(?:def|class)\s+(\w+)", source, re.MULTILINE))
+    out, todo = set(), [tree]
+    while todo:
+        for node in ast.iter_child_nodes(todo.pop()):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                out.add(node.name)  # its body is a scope of its own
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                out.add(node.id)
+            elif isinstance(node, ast.alias):
+                out.add((node.asname or node.name).split(".")[0])
+            elif not isinstance(node, ast.Lambda | ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp):
+                todo.append(node)
     return out
 
 
@@ -166,10 +174,15 @@ class LessonNotebook(IPyNbFile):
                 if ex.id == m.group(1):
                     return ex
         used = names_used(source)
-        for ex in self.exercises:
-            if ex.cell < index and ex.status in ("not done", "wrong") and used & (ex.names | ex.tainted):
-                return ex
-        return None
+        candidates = [
+            ex
+            for ex in self.exercises
+            if ex.cell < index and ex.status in ("not done", "wrong") and used & (ex.names | ex.tainted)
+        ]
+        # the one the error names: an undefined name, or a function in the traceback; else the first
+        named = set(re.findall(r"NameError: name '(\w+)' is not defined", error_text))
+        named |= set(re.findall(r"\bin (\w+)\(", error_text))
+        return next((ex for ex in candidates if named & (ex.names | ex.tainted)), candidates[0] if candidates else None)
 
 
 class LessonCell(IPyNbCell):
@@ -208,7 +221,8 @@ class LessonCell(IPyNbCell):
                 reason = "" if ex.status == "not done" else ", which does not pass its check yet"
                 pytest.skip(f"needs {ex.label}{reason}")
             elif self.exercise is not None and error:
-                self.exercise.code_error = f"cell {self.index + 1} (your code) raised {ename}: {one_line(evalue)}"
+                evalue = re.sub(r"\(\d+\.py, (line \d+)\)", r"(\1)", one_line(evalue))  # the kernel's file name
+                self.exercise.code_error = f"cell {self.index + 1} (your code) raised {ename}: {evalue}"
             raise
         if self.check_of is not None:
             self.check_of.status = "passed"
