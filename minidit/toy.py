@@ -67,6 +67,9 @@ MARGIN = 0.04  # minimum gap between that circle and the image border (same unit
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[1] / "data" / "toy_classifier.safetensors"
 TRAIN_COMMAND = "python -m minidit.toy train-classifier"
 TRAIN_SEED = 0  # the data seed the shipped classifier was trained on
+DEFAULT_DIT = DEFAULT_CLASSIFIER.parent / "toy_dit.safetensors"
+#: How data/toy_dit.safetensors is made (the default toy config, seed 0); data/README.md records the run.
+DIT_COMMAND = "python -m minidit.train --run-dir runs/toy && python -m minidit.toy export-dit runs/toy"
 
 
 # --------------------------------------------------------------------------
@@ -483,6 +486,63 @@ def preview_batch(per_class: int = 8, seed: int = 0, image_size: int = 32) -> to
 
 
 # --------------------------------------------------------------------------
+# The shipped toy DiT (lessons 06 and 07 sample it instantly)
+# --------------------------------------------------------------------------
+
+
+def export_dit(run_dir: str | os.PathLike, out: str | os.PathLike = DEFAULT_DIT) -> Path:
+    """Write the EMA weights of a toy training run to a small safetensors file: fp16 weights (the fixed
+    ``pos_embed`` table stays fp32), with the run's config, class names and step in the metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write, read_checkpoint, read_file
+
+    sd, meta = read_checkpoint(run_dir)
+    if meta["train_config"] is None or meta["run_dir"] is None:
+        raise UserError(f"{run_dir}: not a minidit run directory (no checkpoints/last.pt with its config)")
+    step = read_file(Path(meta["run_dir"]) / "checkpoints" / "last.pt").get("step")
+    tensors = {k: (v if k == "pos_embed" else v.half()).contiguous() for k, v in sd.items()}
+    info = {
+        "format": "minidit toy DiT",
+        "config": json.dumps(meta["train_config"], sort_keys=True),
+        "class_names": json.dumps(meta["class_names"] or CLASS_NAMES),
+        "step": str(int(step)) if isinstance(step, int) else "",
+    }
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=info))
+    return Path(out)
+
+
+def load_toy_dit(path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
+    """The shipped toy DiT (default ``data/toy_dit.safetensors``) in eval mode, float32, and its training
+    config (``config["noise_schedule"]``, ``config["diffusion_steps"]``, ``config["image_size"]``, ...).
+
+    Sample it with ``minidit.sample.generate(model, labels, noise_schedule=config["noise_schedule"])`` or a
+    diffusion from ``create_diffusion(steps, config["noise_schedule"])``. A missing file raises ``UserError``
+    naming the command that makes it."""
+    import json
+
+    from safetensors import safe_open
+
+    from .checkpoint import CheckpointError, dit_arguments, model_from_state_dict, read_file
+
+    path = Path(path) if path is not None else DEFAULT_DIT
+    if not path.is_file():
+        raise UserError(f"no toy DiT at {path}: make one with `{DIT_COMMAND}` (about 8 minutes on 2 idle CPU cores)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata() or {}
+        config = json.loads(info["config"])
+        sd = {k: v.float() for k, v in read_file(path).items()}
+        model = model_from_state_dict(sd, str(path), **dit_arguments(config, str(path)))
+    except (CheckpointError, KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a toy DiT file ({e}): make one with `{DIT_COMMAND}`") from None
+    config["class_names"] = json.loads(info.get("class_names", "null")) or CLASS_NAMES
+    return model, config
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -521,8 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     preview.add_argument("--image-size", type=_image_size, default=32, help="image side in pixels (default 32)")
 
+    export = commands.add_parser("export-dit", help="write a toy run's EMA weights to data/toy_dit.safetensors")
+    export.add_argument("run_dir", type=Path, help="a run directory of `python -m minidit.train` (toy config)")
+    export.add_argument("--out", type=Path, default=DEFAULT_DIT, help="default data/toy_dit.safetensors")
+
     args = parser.parse_args(argv)
-    if args.command == "train-classifier" and args.out.suffix != ".safetensors":
+    if args.command in ("train-classifier", "export-dit") and args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
     _check_writable(args.out)  # fail now, not after a minute of training
     if args.command == "train-classifier":
@@ -531,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
             f"held-out accuracy {result['accuracy']:.2%} on {result['held_out']} images; "
             f"wrote {result['path']} ({os.path.getsize(result['path']) / 1024:.0f} KB) in {result['seconds']:.0f} s"
         )
+    elif args.command == "export-dit":
+        out = export_dit(args.run_dir, args.out)
+        print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB): EMA weights of {args.run_dir}, fp16")
     else:
         images = preview_batch(args.per_class, args.seed, args.image_size)
         save_grid(images, args.out, nrow=args.per_class)
