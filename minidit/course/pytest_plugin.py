@@ -209,7 +209,7 @@ class LessonCell(IPyNbCell):
             error = self._error()
             ename, evalue = error.get("ename", ""), plain(error.get("evalue", ""))
             text = plain("\n".join(error.get("traceback", [])) + "\n" + evalue)
-            if self.check_of is not None:
+            if self.check_of is not None and error:
                 self._check_failed(ename, evalue)
             elif error and (ex := notebook.blocking_exercise(self.index, self.cell.source, text)):
                 line = first_line(self.cell.source, 32, ex.names | ex.tainted)
