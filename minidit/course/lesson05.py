@@ -567,7 +567,7 @@ def _vb_hint(got, parts, t):
          "used only at t = 0."),
         (torch.where(zero, kl, nll), "the two cases are swapped: the decoder NLL at t = 0, the KL for t > 0."),
         (torch.where(zero, nll, parts["kl_swapped"]), "the KL's arguments are swapped: it is KL(q || p_theta), "
-         "the true posterior first (normal_kl(true_mean, true_log_var, model_mean, model_log_var))."),
+         "the true posterior's mean and log-variance first, the model's second."),
         (torch.where(zero, parts["nll_sum"], parts["kl_sum"]), "you summed the VB term over the dimensions: "
          "average it (bits per dimension), like the MSE."),
         (torch.zeros_like(kl), "your vb is 0: with learn_sigma the variance channels v are trained ONLY by the "
@@ -671,7 +671,7 @@ def check_training_losses(fn) -> None:
         grad_vb = torch.zeros_like(out) if grad_vb is None else grad_vb
         if grad_vb[:, :C].abs().max() > 0:
             checks.fail(ex, "the VB term sends gradient into eps (the first C output channels): stop the gradient "
-                            "of the mean (use eps.detach() in the VB term), so that the VB term trains only the "
+                            "of the mean (detach eps where the VB term uses it), so that the VB term trains only the "
                             "variance and the mean is learned from the MSE alone (Improved DDPM §3.1).")  # fmt: skip
         if grad_vb[:, C:].abs().max() == 0:
             checks.fail(ex, "the VB term sends no gradient into v (the last C output channels): detach only eps, "
