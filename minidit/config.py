@@ -131,7 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_steps=200_000, ema_decay=0.9999, num_workers=4, log_every=100, ckpt_every=5000, ckpt_keep_every=50_000,
         sample_every=10_000, sample_steps=250, eval_samples=0,
     ),
-    # The paper's ImageNet recipe on pre-extracted latents (dit-facts section 5).
+    # The paper's ImageNet recipe (paper §5, the reference train.py) on pre-extracted latents.
     "imagenet256-xl2": dict(
         data="latents", data_path="data/latents/imagenet256", image_size=256, model="DiT-XL/2", num_classes=1000,
         global_batch_size=256, lr=1e-4, max_steps=400_000, ema_decay=0.9999, num_workers=8, log_every=100,

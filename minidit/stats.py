@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .model import DiT, DiT_models
 
-#: The paper's model table (dit-facts 6): params (millions) and forward GMACs at 256 px (32x32x4 latents).
+#: The paper's model table (Table 1, and the Gflops of its 12 models): params (millions), forward GMACs at 256 px.
 PAPER_TABLE: dict[str, tuple[float, float]] = {
     "DiT-S/8": (33.0, 0.36), "DiT-S/4": (33.0, 1.41), "DiT-S/2": (33.0, 6.06),
     "DiT-B/8": (130.5, 1.42), "DiT-B/4": (130.5, 5.56), "DiT-B/2": (130.5, 23.01),

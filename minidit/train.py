@@ -11,7 +11,7 @@ What it does each step, for a global batch of G images spread over W processes:
     x_0, y            <- data (toy shapes rendered on the fly, CIFAR-10, an image folder, or VAE latents)
     t, eps, drop, flip <- one generator seeded by (seed, step): the same numbers whatever W is
     (latents stored as posterior moments: also the noise of a fresh posterior sample per image)
-    loss = mean(mse + vb) of diffusion.training_losses(model, x_0, t, eps)   (dit-facts section 4)
+    loss = mean(mse + vb) of diffusion.training_losses(model, x_0, t, eps)   (paper §3.1, Improved DDPM §3)
     AdamW step; EMA update (lerp towards the weights)
 
 Randomness is keyed by the step and by each image's position in the global batch, so
