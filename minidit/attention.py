@@ -11,6 +11,10 @@ Backends, all computing the same function:
 - ``"flash_attn"``: the ``flash-attn`` package's ``flash_attn_func``. It needs
   CUDA tensors in fp16/bf16 laid out [B, N, H, d_head]. Where that does not
   hold (no package, CPU, fp32) it warns once and uses ``"sdpa"``.
+
+``tiled_attention`` is FlashAttention's tiled algorithm (the online softmax) in
+plain PyTorch: the same function in O(N) memory, slowly; the reference for
+lesson 09, not a backend.
 """
 
 from __future__ import annotations
@@ -47,6 +51,38 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     attn = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
     attn = attn.softmax(dim=-1)
     return attn @ v
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+    """FlashAttention's tiled forward with the online softmax (Dao et al. 2022, Algorithm 1), in PyTorch.
+
+    q: [B, H, T, d], k: [B, H, S, d], v: [B, H, S, d_v] -> [B, H, T, d_v] in q's dtype. Equal to
+    ``math_attention`` up to float rounding, but never holds more than one [B, H, block, block] tile of
+    scores: each query tile keeps a running row maximum m, a running sum l of exp(s - m) and an
+    accumulator of exp(s - m) v; when a new key tile raises m, l and the accumulator are rescaled by
+    exp(m_old - m_new). The division by l happens once, at the end. Accumulates in float32 at least
+    (float64 stays float64). Lesson 09 has the learner write it; this is the reference for its check.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for i in range(0, q.shape[-2], block_size):  # query tiles; the last one may be shorter
+        q_i = q[..., i : i + block_size, :].to(acc_dtype) * scale  # [B, H, b, d]
+        m = q_i.new_full((*q_i.shape[:-1], 1), -math.inf)  # running row max
+        l = q_i.new_zeros(*q_i.shape[:-1], 1)  # running sum of exp(s - m)
+        acc = q_i.new_zeros(*q_i.shape[:-1], v.shape[-1])  # running sum of exp(s - m) v
+        for j in range(0, k.shape[-2], block_size):  # key/value tiles
+            s = q_i @ k[..., j : j + block_size, :].to(acc_dtype).transpose(-2, -1)  # [B, H, b, b']
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            correction = torch.exp(m - m_new)  # rescales what was summed under the old max
+            l = correction * l + p.sum(dim=-1, keepdim=True)
+            acc = correction * acc + p @ v[..., j : j + block_size, :].to(acc_dtype)
+            m = m_new
+        out[..., i : i + block_size, :] = (acc / l).to(out.dtype)
+    return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
