@@ -71,17 +71,17 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_siz
     for i in range(0, q.shape[-2], block_size):  # query tiles; the last one may be shorter
         q_i = q[..., i : i + block_size, :].to(acc_dtype) * scale  # [B, H, b, d]
         m = q_i.new_full((*q_i.shape[:-1], 1), -math.inf)  # running row max
-        l = q_i.new_zeros(*q_i.shape[:-1], 1)  # running sum of exp(s - m)
+        row_sum = q_i.new_zeros(*q_i.shape[:-1], 1)  # running sum l of exp(s - m)
         acc = q_i.new_zeros(*q_i.shape[:-1], v.shape[-1])  # running sum of exp(s - m) v
         for j in range(0, k.shape[-2], block_size):  # key/value tiles
             s = q_i @ k[..., j : j + block_size, :].to(acc_dtype).transpose(-2, -1)  # [B, H, b, b']
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             p = torch.exp(s - m_new)
             correction = torch.exp(m - m_new)  # rescales what was summed under the old max
-            l = correction * l + p.sum(dim=-1, keepdim=True)
+            row_sum = correction * row_sum + p.sum(dim=-1, keepdim=True)
             acc = correction * acc + p @ v[..., j : j + block_size, :].to(acc_dtype)
             m = m_new
-        out[..., i : i + block_size, :] = (acc / l).to(out.dtype)
+        out[..., i : i + block_size, :] = (acc / row_sum).to(out.dtype)
     return out
 
 
