@@ -85,6 +85,8 @@ SCHEDULE_MISTAKES = {
     "linear without its last end": (lambda n, T: beta_schedule(n, T, endpoint=False), "include BOTH ends"),
     "T + 1 values": (lambda n, T: beta_schedule(n, T, count=T + 1), "T values, not T + 1"),
     "float32": (lambda n, T: beta_schedule(n, T, dtype=torch.float32), "Schedules are kept in float64"),
+    "float32, converted at the end": (lambda n, T: beta_schedule(n, T, dtype=torch.float32).double(),
+                                      "right to float32 precision only"),
     "numpy array": (lambda n, T: beta_schedule(n, T).numpy(), "should be a torch.Tensor"),
     "cosine not clipped": (lambda n, T: beta_schedule(n, T, cap=None), "clip every beta at 0.999"),
     "cosine without the offset s": (lambda n, T: beta_schedule(n, T, s=0.0), "offset s = 0.008"),
@@ -222,6 +224,8 @@ POSTERIOR_MISTAKES = {
     "variance = beta_t": (lambda b: posterior_coefficients(b, variance_is_beta=True), "that is beta_t"),
     "variance instead of log-variance": (lambda b: posterior_coefficients(b, log=False), "LOG of the clipped"),
     "float32 tables": (lambda b: posterior_coefficients(b, dtype=torch.float32), "the tables stay float64"),
+    "computed in float32": (lambda b: posterior_coefficients(b.float(), dtype=torch.float64),
+                            "right to float32 precision only"),
     "three tables": (lambda b: posterior_coefficients(b, count=3), "a tuple of four tables"),
 }  # fmt: skip
 
@@ -473,6 +477,8 @@ LOSS_MISTAKES = {
     "float64 losses": (lambda *a: training_losses(*a, cast=False), "cast each per-step coefficient to float32"),
     "batch means": (lambda *a: training_losses(*a, batch_mean=True), "is per sample, [B]"),
     "model called on x_0": (lambda *a: training_losses(*a, model_input="x_0"), "it was given x_0"),
+    "noise of its own": (lambda m, x, t, noise, b: training_losses(m, x, t, torch.randn_like(noise), b),
+                         "draw none of your own"),
     "model called twice": (lambda *a: training_losses(*a, calls=2), "called the model 2 times"),
     "a tuple instead of a dict": (lambda *a: tuple(training_losses(*a).values()), "return a dict"),
 }  # fmt: skip

@@ -58,6 +58,10 @@ def _unchanged(ex: str, before: list[torch.Tensor], after: list[torch.Tensor]) -
         checks.fail(ex, "your function changed one of its inputs in place: compute new tensors instead.")
 
 
+FLOAT32_TABLES = (
+    "your values are right to float32 precision only: compute the tables in float64 throughout (the betas' dtype); "
+    "converting a float32 result at the end does not bring the lost digits back."
+)
 FLOAT32_HINT = (
     "The schedule tables are float64; cast each per-step coefficient to the images' dtype (float32) before it "
     "meets them, as the reference does: a float64 result would not go through the DiT's float32 layers."
@@ -90,9 +94,18 @@ def _cosine(T: int, s: float = 0.008, square: bool = True, cap: float | None = 0
 
 def _schedule_variants(name: str, T: int):
     if name == "linear":
-        return [
-            (_linear(T, scale=False), f"your betas run from 1e-4 to 0.02 whatever T: for T = {T} the reference "
-             f"scales both ends by 1000 / T = {1000 / T:g}, so that fewer steps cover the same amount of noise."),
+        unscaled = (
+            []
+            if T == 1000
+            else [
+                (
+                    _linear(T, scale=False),
+                    f"your betas run from 1e-4 to 0.02 whatever T: for T = {T} the reference "
+                    f"scales both ends by 1000 / T = {1000 / T:g}, so that fewer steps cover the same amount of noise.",
+                )
+            ]
+        )
+        return unscaled + [
             (_linear(T, endpoint=False), "your last beta stops one step short of 0.02 · 1000 / T: the T betas are "
              "evenly spaced and include BOTH ends (like np.linspace)."),
         ]  # fmt: skip
@@ -129,7 +142,8 @@ def check_beta_schedule(fn) -> None:
             "products of 1000 numbers lose digits in float32); the reference casts to float32 only per step."
         )  # fmt: skip
         expected = torch.from_numpy(_diffusion.get_named_beta_schedule(name, T))
-        variants = [(v[0], v[1], v[2] if len(v) > 2 else 1e-9) for v in _schedule_variants(name, T)]
+        variants = [(expected.float().double(), FLOAT32_TABLES, 1e-7)]  # right, in float32, converted at the end
+        variants += [(v[0], v[1], v[2] if len(v) > 2 else 1e-9) for v in _schedule_variants(name, T)]
         diagnose = _diagnose_with(variants)
 
         def with_case(got, name=name, T=T, diagnose=diagnose):
@@ -252,7 +266,18 @@ def _posterior_variants(betas):
             (var, "the fourth table is the LOG of the clipped variance."),
             (torch.cat([var[1:2], var[1:]]), "the fourth table is the LOG of the clipped variance."),
         ]  # fmt: skip
-    return right, [coef1, coef2, variance, log_var]
+    # right, but computed in float32 and converted at the end
+    # right, but computed in float32 with these formulas (then converted)
+    b32 = betas.float()
+    tab32 = _tables(b32)
+    a32, ab32, abp32 = tab32["alphas"], tab32["abar"], tab32["abar_prev"]
+    var32 = b32 * (1 - abp32) / (1 - ab32)
+    single = [b32 * abp32.sqrt() / (1 - ab32), (1 - abp32) * a32.sqrt() / (1 - ab32), var32,
+              torch.log(torch.cat([var32[1:2], var32[1:]]))]  # fmt: skip
+    tables = [[(w, h, 1e-9) for w, h in table] for table in (coef1, coef2, variance, log_var)]
+    for table, w in zip(tables, single):
+        table.insert(0, (w.double(), FLOAT32_TABLES, 1e-7))
+    return right, tables
 
 
 def _expect_finite(ex, got, name, hint):
@@ -287,13 +312,13 @@ def check_posterior_coefficients(fn) -> None:
             checks.expect_shape(ex, value, (T,))
             checks.expect_dtype(ex, value, torch.float64, f"({name}) the tables stay float64 like the betas.")
             if not torch.isfinite(value).all():
-                hint = next((h for v, h in wrong if h and checks.matches(value, v, atol=1e-9)), None)
+                hint = next((h for v, h, tol in wrong if h and checks.matches(value, v, atol=tol)), None)
                 if hint is None and name == POSTERIOR_NAMES[3]:
                     hint = "log beta~_0 = log 0 = -inf: use beta~_1 at t = 0 (clipped)."
                 _expect_finite(ex, value, name, hint or "")
 
             def diagnose(v, wrong=wrong, case=case):
-                hint = next((h for w, h in wrong if h and checks.matches(v, w, atol=1e-9)), None)
+                hint = next((h for w, h, tol in wrong if h and checks.matches(v, w, atol=tol)), None)
                 return hint or f"(case: {case})"
 
             checks.expect_close(ex, value, exp, atol=1e-9, rtol=1e-7, diagnose=diagnose, what=f"values of {name}")
@@ -624,7 +649,8 @@ def check_training_losses(fn) -> None:
             hint = (
                 "it was given x_0: the model sees the NOISY x_t = q_sample(x_0, t, noise)."
                 if torch.equal(seen_x, x)
-                else "it should see x_t = q_sample(x_0, t, noise) (your Exercise 5.2)."
+                else "it should see x_t = q_sample(x_0, t, noise) (your Exercise 5.2), with the noise passed in: "
+                "draw none of your own."
             )
             checks.fail(ex, "the model was called on the wrong input: " + hint)
         out = rec.outputs[0]
