@@ -34,14 +34,16 @@ import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: File extensions counted as images (torchvision's ``ImageFolder`` list), compared case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -88,6 +90,8 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
     The image is converted to RGB first (:func:`to_rgb`), so greyscale, 16-bit, palette and RGBA inputs work.
     """
+    from PIL import Image  # here, not at the top: the toy and latent paths (and the GPU bench) need no Pillow
+
     if image_size <= 0:
         raise UserError(f"image size must be positive, got {image_size}")
     image = to_rgb(pil_image)
@@ -106,6 +110,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     scaled from 0..65535 to 0..255: PIL's own ``convert`` clips it at 255, so most such images would come
     out pure white. (16-bit RGB PNGs PIL already reads as 8-bit RGB.) Float images (mode ``F``) are refused
     with a ``ValueError``: their range is unknown."""
+    from PIL import Image
+
     if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.asarray(image).astype(np.int64).clip(0, 65535)
         image = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")  # round(v / 257)
@@ -238,6 +244,8 @@ class ImageFolderDataset(Dataset):
 
     def _decode(self, path: str) -> np.ndarray:
         """``[S, S, 3]`` uint8, or an exception if the file cannot be decoded."""
+        from PIL import Image
+
         with Image.open(path) as image:
             image.load()  # decode now, inside the caller's try: PIL is lazy
             return center_crop_arr(image, self.image_size)
