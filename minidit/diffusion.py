@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 Model = Callable[..., torch.Tensor]
+#: One generator for the batch, or one per sample (the sample's noise then does not depend on its batch).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 # --------------------------------------------------------------------------
@@ -295,7 +297,12 @@ class GaussianDiffusion:
 
     # -- sampling -------------------------------------------------------------------------
 
-    def _randn(self, shape, like: torch.Tensor | None, generator: torch.Generator | None, device, dtype=None):
+    def _randn(self, shape, like: torch.Tensor | None, generator: Generators, device, dtype=None):
+        """N(0, I) of ``shape``. With a list of generators, sample i's noise comes from ``generator[i]``, so it
+        does not depend on the batch it is drawn in; a batch of k x len(list) (CFG's [x, x]) repeats it k times."""
+        if isinstance(generator, list | tuple):
+            z = torch.stack([torch.randn(*shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+            return z.repeat(shape[0] // len(z), *[1] * (len(shape) - 1))
         if generator is None and like is not None:
             return torch.randn_like(like)
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
@@ -307,7 +314,7 @@ class GaussianDiffusion:
         t: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         clip_denoised: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} = mean + sigma z (no noise at t = 0)."""
         out = self.p_mean_variance(model, x, t, model_kwargs=model_kwargs, clip_denoised=clip_denoised)
@@ -324,7 +331,7 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         clip_denoised: bool = False,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step: x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - s^2) eps_hat + s z,
         s = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})."""
@@ -347,7 +354,7 @@ class GaussianDiffusion:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
             if noise is not None:
                 device = noise.device
-        img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
+        img = noise if noise is not None else self._randn(shape, None, generator, device)
         indices: Iterable[int] = range(self.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -366,7 +373,7 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         device: torch.device | str | None = None,
         clip_denoised: bool = False,
     ) -> torch.Tensor:
@@ -386,7 +393,7 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         device: torch.device | str | None = None,
         clip_denoised: bool = False,
         eta: float = 0.0,

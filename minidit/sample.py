@@ -108,16 +108,11 @@ def generate(
     model.eval()
     out = []
     for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
-        generators = [sample_generator(seed, int(i), device) for i in idx]
-
-        def randn(shape, like=None, generator=None, device=device, dtype=None, generators=generators):
-            z = torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generators])
-            return torch.cat([z] * (shape[0] // len(z)))  # a guided batch is [z, z]: its halves share their noise
-
-        diffusion._randn = randn  # the diffusion draws every step's noise through this
+        generators = [sample_generator(seed, int(i), device) for i in idx]  # every draw of sample i, any batch
         y = y.to(device)
-        z = randn((len(y), model.in_channels, model.input_size, model.input_size))
-        kw = dict(progress=progress, clip_denoised=clip_denoised)
+        z = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g, device=device)
+                         for g in generators])  # fmt: skip
+        kw = dict(progress=progress, clip_denoised=clip_denoised, generator=generators)
         if cfg_scale == 1.0:
             x = loop(model, z.shape, z, model_kwargs=dict(y=y), **kw)
         else:

@@ -389,3 +389,19 @@ def test_sampling_with_cfg_model_and_generator_is_reproducible(small_dit):
 def test_create_diffusion_api():
     d = minidit.create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, diffusion_steps=1000)
     assert isinstance(d, minidit.GaussianDiffusion) and d.num_timesteps == 1000
+
+
+def test_per_sample_generators_make_a_sample_independent_of_its_batch():
+    """A list of generators gives sample i its own noise at every step: sampled alone or in a batch of
+    three (and in CFG's doubled batch, whose halves share it), sample 1 comes out the same."""
+    diffusion = create_diffusion("5")
+    model = lambda x, t, **kw: torch.cat([0.1 * x, torch.zeros_like(x)], dim=1)  # noqa: E731 - a stand-in eps model
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    shape = (1, 2, 4, 4)
+    alone = diffusion.p_sample_loop(model, shape, generator=gens([11]))
+    batch = diffusion.p_sample_loop(model, (3, 2, 4, 4), generator=gens([10, 11, 12]))
+    doubled = diffusion.p_sample_loop(model, (6, 2, 4, 4), generator=gens([10, 11, 12]))
+    assert torch.equal(batch[1:2], alone) and torch.equal(doubled[1:2], alone) and torch.equal(doubled[4:5], alone)
+    assert not torch.equal(batch[0:1], alone)
+    one = diffusion.p_sample_loop(model, (3, 2, 4, 4), generator=torch.Generator().manual_seed(11))
+    assert not torch.equal(one[1:2], alone)  # one generator for the batch: noise depends on the position
