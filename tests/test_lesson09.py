@@ -124,6 +124,14 @@ def full_softmax(q, k, v, block_size):
     return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
 
 
+def query_tiles_only(q, k, v, block_size):
+    """Right values, tiled over the queries only: each tile's scores against all T keys, a [.., block, T] strip."""
+    out = torch.empty_like(q)
+    for i in range(0, q.shape[-2], block_size):
+        out[:, :, i : i + block_size] = full_softmax(q[:, :, i : i + block_size], k, v, block_size)
+    return out
+
+
 TILED_MISTAKES = {
     "no rescaling": (lambda q, k, v, b: tiled(q, k, v, b, rescale=False), "exp(m_old - m_new)"),
     "tile max": (lambda q, k, v, b: tiled(q, k, v, b, tile_max=True), "TILE's max"),
@@ -134,6 +142,7 @@ TILED_MISTAKES = {
                         "return the result in q's dtype"),
     "no max subtracted": (lambda q, k, v, b: tiled(q, k, v, b, subtract_max=False), "subtract the running row max"),
     "full T x T matrix": (full_softmax, "at least as large as a whole T x T score matrix"),
+    "query tiles only": (query_tiles_only, "Loop over query tiles AND key tiles"),
     "numpy": (lambda q, k, v, b: tiled(q, k, v, b).numpy(), "should be a torch.Tensor"),
 }  # fmt: skip
 

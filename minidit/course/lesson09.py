@@ -201,6 +201,11 @@ def check_tiled_attention(fn) -> None:
                     f"({meter.numel:,} elements) for T = {T}, block_size = {block}: at least as large as a whole "
                     f"T x T score matrix. Work tile by tile: scores of one query tile against one key tile, "
                     f"[B, H, block, block], are all FlashAttention ever holds.")  # fmt: skip
+    if meter.numel > B * H * max(T * d, block * block):  # larger than the output and than one tile of scores
+        checks.fail(ex, f"right values, but your function created a tensor of shape {list(meter.shape)} for "
+                    f"[B, H, T, d] = {[B, H, T, d]}, block_size = {block}: a strip of scores, larger than one "
+                    "[B, H, block, block] tile (and than the output). Loop over query tiles AND key tiles: each "
+                    "query tile walks the keys tile by tile with its running max, sum and accumulator.")  # fmt: skip
     checks.passed(ex)
 
 
