@@ -265,8 +265,9 @@ def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 #: ``--data folder`` under the default config: the toy preset is tuned to the toy generator (16 tokens,
-#: cosine, lr 2e-3), so a folder of real images gets these instead, measured on two kinds of real 16 px
-#: images (benchmarks/folder_defaults.py, benchmarks/results/folder-defaults-2026-11-30.md). The model is
+#: cosine, lr 2e-3), so a folder of real images gets these instead: the reference's linear schedule and
+#: 64 tokens, no flips (digits, text), EMA for a short run. Measured on two kinds of real 16 px images with
+#: benchmarks/folder_defaults.py (benchmarks/results/folder-defaults-2026-11-30.md). The model is
 #: a DiT-Ti whose patch size gives about ``FOLDER_TOKENS`` tokens (``folder_patch``). Options given win.
 FOLDER_DEFAULTS: dict[str, Any] = dict(
     noise_schedule="linear", lr=1e-3, warmup_steps=200, ema_decay=0.995, max_steps=3000, hflip=False, eval_samples=0,
