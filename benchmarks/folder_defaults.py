@@ -171,8 +171,8 @@ def score(run_dir: str, classifier: str, per_class: int = 50, seed: int = 2) -> 
     if names != spec.class_names:
         raise SystemExit(f"{classifier} was trained on classes {names}, the run on {spec.class_names}")
     labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
-    result = {"run_dir": run_dir, "step": int(ckpt["step"]), "per_class": per_class, "seed": seed,
-              "sample_steps": cfg.sample_steps}  # fmt: skip
+    result = {"run_dir": run_dir, "step": int(ckpt["step"]), "per_class": per_class, "samples": len(labels),
+              "seed": seed, "sample_steps": cfg.sample_steps}  # fmt: skip
     for scale in (cfg.cfg_scale, 1.0):
         images = generate(
             model.eval(), labels, cfg_scale=scale, num_steps=cfg.sample_steps, seed=seed,
@@ -195,8 +195,8 @@ def report(run_dirs: list[str]) -> str:
     """A markdown table of the scored runs: data, the options that differ from the folder defaults, accuracy."""
     from minidit import config as C
 
-    rows = ["| data | run | model | schedule | lr | EMA | flips | step | train time | CFG 4 | no CFG |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| data | run | model | schedule | lr | EMA | flips | step | train time | samples | CFG 4 | no CFG |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in map(Path, run_dirs):
         if not (run / "score.json").is_file():
             continue
@@ -206,6 +206,7 @@ def report(run_dirs: list[str]) -> str:
         rows.append(
             f"| {Path(cfg.data_path).name} | {run.name} | {cfg.model} | {cfg.noise_schedule} | {cfg.lr:g} | "
             f"{cfg.ema_decay:g} | {'yes' if cfg.hflip else 'no'} | {s['step']} | {minutes} | "
+            f"{s.get('samples', s['per_class'] * toy.NUM_CLASSES)} | "
             f"{s['accuracy_cfg4']:.1%} | {s['accuracy_cfg1']:.1%} |"
         )
     return "\n".join(rows)
