@@ -440,12 +440,13 @@ def read_checkpoint(
         return extract_state_dict(sd, prefer_ema, input_size or config.get("sample_size"), name), meta
     raw = read_file(path)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    train_config = raw.get("config")
+    train_config, names = raw.get("config"), raw.get("class_names")
+    if path.suffix == ".safetensors":  # e.g. `python -m minidit.toy export-dit`: the run's config in the metadata
+        train_config, names = _safetensors_config(path)
     if not isinstance(train_config, dict) and run_dir is not None and (run_dir / "config.json").is_file():
         train_config = _read_json(run_dir / "config.json").get("config")
     if isinstance(train_config, dict):  # a minidit run: its config says what the shapes cannot
         meta.update(dit=dit_arguments(train_config, str(path)), train_config=train_config, run_dir=run_dir)
-        names = raw.get("class_names")
         if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
             meta["class_names"] = names
             meta["dit"]["num_classes"] = len(names)
@@ -454,6 +455,20 @@ def read_checkpoint(
         if isinstance(getattr(args, "num_classes", None), int):
             meta["dit"]["num_classes"] = args.num_classes
     return extract_state_dict(raw, prefer_ema, input_size, str(path)), meta
+
+
+def _safetensors_config(path: Path) -> tuple[dict[str, Any] | None, list | None]:
+    """A minidit training config and class names stored as JSON in a safetensors file's metadata, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        info = f.metadata() or {}
+    try:
+        config = json.loads(info["config"]) if "config" in info else None
+        names = json.loads(info["class_names"]) if "class_names" in info else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its metadata holds a config that is not valid JSON ({e})") from None
+    return (config if isinstance(config, dict) else None), names
 
 
 def load_state_dict(
