@@ -100,3 +100,30 @@ def test_train_toy_refuses_a_file_as_out(tmp_path, capsys):
     assert run_cli(vae.main, ["train-toy", "--out", str(target)]) != 0
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "x"
+
+
+def test_extract_latents_with_the_toy_vae(tmp_path):
+    """--vae toy goes through the same extraction as the SD VAE: 32 px images -> moments of 4x4x4 latents,
+    equal to the toy VAE's posterior moments of the same PNGs (stored in float16)."""
+    import numpy as np
+    from PIL import Image
+
+    from minidit.data import ImageFolderDataset, LatentShards
+    from minidit.extract_latents import main as extract
+
+    images, labels = toy.make_batch(torch.arange(6), seed=4, image_size=32)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        folder = tmp_path / "images" / f"c{int(y)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
+    argv = ["--data-path", str(tmp_path / "images"), "--out", str(tmp_path / "lat"), "--vae", "toy"]
+    assert run_cli(extract, [*argv, "--image-size", "32", "--num-workers", "0", "--device", "cpu"]) == 0
+    shards = LatentShards(tmp_path / "lat")
+    assert shards.latent_shape == (4, 4, 4) and len(shards) == 6
+    x, _ = shards[0]
+    model = vae.load_vae("toy")
+    pixels = ImageFolderDataset(tmp_path / "images", 32)[0][0][None]
+    mean, std = vae.posterior_moments(model, pixels)
+    torch.testing.assert_close(x[0, 0], mean[0], atol=2e-2, rtol=2e-3)  # float16 storage
+    torch.testing.assert_close(x[0, 1], std[0], atol=2e-3, rtol=2e-3)
