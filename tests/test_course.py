@@ -304,3 +304,14 @@ def test_build_check_prints_the_fixing_command(tmp_path, monkeypatch):
     victim.write_text(json.dumps(data))
     assert build.main(["build", "--check"]) == 1
     assert build.main(["build"]) == 0 and build.build(check=True) == []
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.name)
+def test_colab_setup_clones_the_repository(solution):
+    """On Colab a lesson needs the repository's data/ (the shipped toy classifier, toy DiT and toy VAE), which a
+    plain `pip install git+...` leaves out: the setup cell clones the repository and installs it in place."""
+    nb = nbformat.read(solution, as_version=4)
+    setup = next(c.source for c in nb.cells if c.cell_type == "code")
+    assert '"google.colab" in sys.modules' in setup
+    assert "git clone" in setup and "pip -q install -e /content/minidit" in setup
+    assert 'sys.path.insert(0, "/content/minidit")' in setup
