@@ -69,7 +69,7 @@ class TrainConfig:
     sample_steps: int = 100  # DDPM steps (respaced) for grids and evaluation
     cfg_scale: float = 4.0  # guidance scale for grids and evaluation
     eval_samples: int = 200  # final evaluation: samples to classify (toy data only; 0: skip)
-    vae: str = "ema"  # latent models: VAE used to decode grids (ema | mse | a local directory)
+    vae: str = "ema"  # latent models: VAE used to decode grids (ema | mse | toy | a local directory)
 
 
 #: One line per field for ``--help`` (tests check that every field has one).
@@ -110,7 +110,7 @@ HELP: dict[str, str] = {
     "sample_steps": "sampling steps (respaced DDPM) for grids and evaluation",
     "cfg_scale": "classifier-free guidance scale for grids and evaluation",
     "eval_samples": "samples the toy classifier checks at the end (toy data only; 0: skip)",
-    "vae": "latent models: VAE that decodes the grids (ema | mse | a local directory)",
+    "vae": "latent models: VAE that decodes the grids (ema | mse | toy | a local directory)",
     "latent_sampling": "latents: fresh (a new posterior sample and flip per image and step, as the reference; "
     "needs extract_latents' default --posterior moments) | frozen (train on stored samples)",
     "hflip": "flip half of the training images left-right (off for digits, text, anything with a handedness)",

@@ -1,7 +1,7 @@
 """Encode an image folder with the VAE once, so training reads latents instead of running the encoder.
 
     python -m minidit.extract_latents --data-path DIR --out data/latents/NAME --image-size 256 \\
-        [--posterior moments|sample|mean] [--flip] [--vae ema|mse|PATH] [--batch-size 32] \\
+        [--posterior moments|sample|mean] [--flip] [--vae ema|mse|toy|PATH] [--batch-size 32] \\
         [--shard-size 4096] [--dtype float16|float32] [--device auto] [--num-workers 4] [--seed 0]
 
 Images go through the same ADM centre crop as pixel training (:class:`minidit.data.ImageFolderDataset`).
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-path", required=True, help="image folder: DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="output directory, e.g. data/latents/NAME")
     p.add_argument("--image-size", type=int, default=256, help="pixels; the latent side is image-size / 8")
-    p.add_argument("--vae", default="ema", help="ema | mse | a Hugging Face id | a local AutoencoderKL directory")
+    p.add_argument("--vae", default="ema", help="ema | mse | toy | a Hugging Face id | an AutoencoderKL directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
     p.add_argument(

@@ -336,7 +336,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default: 0)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch and shard (default: 32)")
     p.add_argument("--image-size", type=int, choices=(256, 512), help="for a diffusers file without its config")
-    p.add_argument("--vae", default="ema", help="latent models: ema, mse or an AutoencoderKL directory (default: ema)")
+    p.add_argument("--vae", default="ema", help="latent models: ema, mse, toy or an AutoencoderKL dir (default: ema)")
     p.add_argument("--out", help="the grid PNG (default for a run: <run dir>/samples/grid_<settings>.png)")
     p.add_argument("--out-dir", help="also write one PNG per sample here")
     p.add_argument(
