@@ -10,33 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from exercises import assert_fails, assert_passes, stub
 
 from minidit.course import lesson05
-from minidit.course.checks import ExerciseFailed
 from minidit.diffusion import approx_standard_normal_cdf
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError("Exercise N.M (name): replace this line with your code")
-
-
-def assert_passes(check, fn, label, capsys):
-    check(fn)
-    assert capsys.readouterr().out == f"✅ Exercise {label} passed\n"
-
-
-def assert_fails(check, fn, label, *hints):
-    with pytest.raises(ExerciseFailed) as info:
-        check(fn)
-    message = str(info.value)
-    assert message.startswith(f"Exercise {label}:"), message
-    for hint in hints:
-        assert hint in message, f"expected {hint!r} in:\n{message}"
-    return message
 
 
 LN2 = math.log(2)

@@ -8,30 +8,11 @@ would not pass these tests.
 
 import pytest
 import torch
+from exercises import assert_fails, assert_passes, stub
 
 from minidit.course import lesson08
-from minidit.course.checks import ExerciseFailed
 
 SD_SCALE = 0.18215
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError("Exercise N.M (name): replace this line with your code")
-
-
-def assert_passes(check, fn, label, capsys):
-    check(fn)
-    assert capsys.readouterr().out == f"✅ Exercise {label} passed\n"
-
-
-def assert_fails(check, fn, label, *hints):
-    with pytest.raises(ExerciseFailed) as info:
-        check(fn)
-    message = str(info.value)
-    assert message.startswith(f"Exercise {label}:"), message
-    for hint in hints:
-        assert hint in message, f"expected {hint!r} in:\n{message}"
-    return message
 
 
 # --------------------------------------------------------------------------

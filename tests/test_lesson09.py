@@ -9,30 +9,10 @@ import math
 
 import pytest
 import torch
+from exercises import assert_fails, assert_passes, stub
 from torch import nn
 
 from minidit.course import lesson09
-from minidit.course.checks import ExerciseFailed
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError("Exercise N.M (name): replace this line with your code")
-
-
-def assert_passes(check, fn, label, capsys):
-    check(fn)
-    assert capsys.readouterr().out == f"✅ Exercise {label} passed\n"
-
-
-def assert_fails(check, fn, label, *hints):
-    with pytest.raises(ExerciseFailed) as info:
-        check(fn)
-    message = str(info.value)
-    assert message.startswith(f"Exercise {label}:"), message
-    for hint in hints:
-        assert hint in message, f"expected {hint!r} in:\n{message}"
-    return message
-
 
 # --------------------------------------------------------------------------
 # 9.1 (score_bytes)
