@@ -81,7 +81,7 @@ import torch
 from torch import nn
 
 from .diffusion import create_diffusion
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .model import ALL_MODELS
 from .stats import model_stats
 from .train import make_optimizer, optimizer_kind, update_ema
@@ -1087,15 +1087,8 @@ def write_outputs(result: dict[str, Any], json_path: str | None, markdown_path: 
 # --------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit status 2 (through ``run_cli``)."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see python -m minidit.bench --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m minidit.bench",
         description="Benchmark the DiT training step and sampler against the reference recipe.",
         epilog="Defaults marked 'auto' depend on the device (CUDA or CPU) and --quick; see the module docstring.",

@@ -13,13 +13,12 @@ in one line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, closest
 from .model import ALL_MODELS
 
 
@@ -179,13 +178,8 @@ ALIASES = {
 }  # fmt: skip
 
 
-def _closest(word: str, options) -> str | None:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
 def _suggest(word: str, options) -> str:
-    close = _closest(word, options)
+    close = closest(word, options)
     return f" (did you mean {close!r}?)" if close else ""
 
 
@@ -252,7 +246,7 @@ def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
             preset = value
             continue
         if name not in types:
-            guess = ALIASES.get(name) or _closest(name, types)
+            guess = ALIASES.get(name) or closest(name, types)
             hint = f" (did you mean --{guess.replace('_', '-')}?)" if guess else ""
             raise UserError(f"unknown option --{key}{hint}; see --help for the list")
         if not has_value:
