@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import sys
-import warnings
 import zipfile
 from collections.abc import Callable
 from functools import partial
@@ -373,17 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--out is the class grid, which --num-samples does not make: use --npz (and --out-dir)")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cpu":  # as the trainer: threads that cannot oversubscribe the cores (1 on a busy machine)
-        from . import rundir
-        from .train import cpu_threads
-
-        threads, busy = cpu_threads(0, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(threads)
-        if busy and rank == 0:
-            warnings.warn(busy.replace("training", "sampling"), rundir.RunWarning, stacklevel=1)
-
     model, info = load_for_sampling(args.ckpt, args.image_size)
     default_outputs(args, info["run_dir"])
+    if device.type == "cpu":  # as the trainer: threads that cannot oversubscribe the cores (1 on a busy machine)
+        from .train import cpu_threads
+
+        torch.set_num_threads(cpu_threads(0, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))[0])
     trained = info["train_config"]  # a minidit run knows its schedule; released weights use the default
     schedule, steps = trained.get("noise_schedule", "linear"), trained.get("diffusion_steps", 1000)
     check_steps(args.num_steps, steps)
