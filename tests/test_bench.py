@@ -45,7 +45,7 @@ def tiny_spec(**kw) -> Spec:
 
 
 def test_train_flops_and_mfu_of_a_known_case():
-    # DiT-XL/2: 118.64 forward GMACs -> 711.84 GFLOP per training image (dit-facts: ~712).
+    # DiT-XL/2: 118.64 forward GMACs (the paper's Gflops) -> 711.84 GFLOP per training image (3 forwards x 2).
     flops = bench.train_flops_per_image(118.64)
     assert flops == pytest.approx(711.84e9)
     # 32 images in 0.1 s on an H100 SXM in bf16: 320 img/s x 711.84 GFLOP = 227.8 TFLOP/s = 23.0% of 989.
