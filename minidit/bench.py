@@ -82,7 +82,7 @@ from torch import nn
 
 from .diffusion import create_diffusion
 from .errors import ArgumentParser, UserError, run_cli
-from .model import ALL_MODELS
+from .model import MODELS, create_model
 from .stats import model_stats
 from .train import make_optimizer, optimizer_kind, update_ema
 
@@ -476,7 +476,8 @@ class TrainStep:
         self.row, self.device, self.encoder = row, device, encoder
         torch.manual_seed(spec.seed)
         with torch.device(device):
-            self.model = ALL_MODELS[spec.model](
+            self.model = create_model(
+                spec.model,
                 input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes,
                 attn_backend=row.attn, grad_checkpointing=row.grad_checkpointing,
             ).train()  # fmt: skip
@@ -741,7 +742,8 @@ def bench_sampling(
             if reason is None:
                 torch.manual_seed(spec.seed)
                 with torch.device(device):
-                    model = ALL_MODELS[spec.model](
+                    model = create_model(
+                spec.model,
                         input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes,
                         attn_backend=row.attn,
                     ).eval()  # fmt: skip
@@ -829,9 +831,9 @@ def run_benchmark(
     if device.type == "cuda":  # the reference trainer's setting; it matters for the fp32 rows only
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    with torch.device("meta"):  # model_stats takes a name from DiT_models or an instance (DiT-Ti is not a name)
-        meta_model = ALL_MODELS[spec.model](
-            input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes
+    with torch.device("meta"):  # model_stats takes a name from MODELS or an instance
+        meta_model = create_model(
+            spec.model, input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes
         )
     stats = model_stats(meta_model)
     dev = describe_device(device)
@@ -1153,8 +1155,8 @@ def resolve(args: argparse.Namespace) -> tuple[Spec, list[RowConfig]]:
         return cuda_default if cuda else cpu_default
 
     model = pick(args.model, "DiT-XL/2", "DiT-S/4", "DiT-Ti/4")
-    if model not in ALL_MODELS:
-        raise UserError(f"--model {model!r}: unknown; choose one of {', '.join(ALL_MODELS)}")
+    if model not in MODELS:
+        raise UserError(f"--model {model!r}: unknown; choose one of {', '.join(MODELS)}")
     spec = Spec(
         model=model,
         input_size=pick(args.input_size, 32, 32, 16),

@@ -39,7 +39,7 @@ import torch
 
 from .config import CHOICES
 from .errors import UserError
-from .model import ALL_MODELS, MODEL_SIZES_ALL, DiT, DiT_models
+from .model import MODELS, DiT, create_model
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -429,7 +429,7 @@ def read_checkpoint(
     if name in PRETRAINED and not path.exists():
         path = download(name)
     if name in PRETRAINED:
-        heads = MODEL_SIZES_ALL[PRETRAINED[name].model[4:].split("/")[0]][2]
+        heads = MODELS[PRETRAINED[name].model][2]
         meta["dit"] = {"num_heads": heads, "num_classes": 1000, "class_dropout_prob": 0.1}
     if path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
         path = path / "checkpoints" / "last.pt"
@@ -488,7 +488,7 @@ def dit_arguments(train_config: dict[str, Any], source: str = "checkpoint") -> d
     dropout, learned variance, classes), after checking the fields that sampling relies on."""
     model, p = train_config.get("model"), train_config.get("class_dropout_prob")
     schedule, steps = train_config.get("noise_schedule"), train_config.get("diffusion_steps")
-    if model not in ALL_MODELS:
+    if model not in MODELS:
         raise CheckpointError(f"{source}: its config names an unknown model {model!r}")
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
         raise CheckpointError(f"{source}: its config has class_dropout_prob {p!r}, not a number in [0, 1)")
@@ -496,7 +496,7 @@ def dit_arguments(train_config: dict[str, Any], source: str = "checkpoint") -> d
         raise CheckpointError(f"{source}: its config has noise_schedule {schedule!r}, not one of linear, cosine")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise CheckpointError(f"{source}: its config has diffusion_steps {steps!r}, not a positive integer")
-    out = {"num_heads": MODEL_SIZES_ALL[model[4:].split("/")[0]][2], "class_dropout_prob": float(p)}
+    out = {"num_heads": MODELS[model][2], "class_dropout_prob": float(p)}
     out["learn_sigma"] = bool(train_config.get("learn_sigma", True))
     if isinstance(train_config.get("num_classes"), int):
         out["num_classes"] = train_config["num_classes"]
@@ -512,7 +512,7 @@ def infer_config(
     """Rebuild ``DiT(**config)`` arguments from a reference-layout state dict's shapes.
 
     The head count is not in the shapes: it is taken from the paper's model sizes
-    (``MODEL_SIZES``) by (depth, hidden size), and is missing from the result otherwise.
+    (``MODELS``) by (depth, hidden size), and is missing from the result otherwise.
     Nor is the null class: the label table has ``num_classes + 1`` rows when the model was
     trained with label dropout (``class_dropout_prob > 0``; the last row is the null label that
     classifier-free guidance needs) and ``num_classes`` rows without. Pass what the checkpoint
@@ -551,17 +551,18 @@ def infer_config(
         mlp_ratio=hidden_mlp / D, num_classes=rows - null, class_dropout_prob=class_dropout_prob,
         learn_sigma=out_dim == p * p * 2 * C,
     )  # fmt: skip
-    for d, h, heads in MODEL_SIZES_ALL.values():
+    for d, h, heads, _ in MODELS.values():
         if (d, h) == (depth, D):
             config["num_heads"] = heads
     return config
 
 
 def model_name(config: dict[str, Any]) -> str | None:
-    """The zoo name ("DiT-XL/2") of a config, if it is one of the twelve."""
-    for size, (d, h, heads) in MODEL_SIZES_ALL.items():
-        if (config.get("depth"), config.get("hidden_size"), config.get("num_heads", heads)) == (d, h, heads):
-            return f"DiT-{size}/{config['patch_size']}"
+    """The zoo name ("DiT-XL/2") of a config, if it is one in ``MODELS``."""
+    for name, (d, h, heads, p) in MODELS.items():
+        got = (config.get("depth"), config.get("hidden_size"), config.get("num_heads", heads), config.get("patch_size"))
+        if got == (d, h, heads, p):
+            return name
     return None
 
 
@@ -721,7 +722,7 @@ def download(
         if entry is not None:  # the strongest check without a published hash: it loads strictly
             sd = extract_state_dict(read_file(tmp, kind="safetensors" if name.endswith(".safetensors") else "torch"))
             with torch.device("meta"):
-                ref = DiT_models[entry.model](input_size=entry.input_size)
+                ref = create_model(entry.model, input_size=entry.input_size)
             problem = describe_mismatch(ref, sd)
             if problem:
                 raise CheckpointError(f"download of {name} is not the expected {entry.model}: {problem}")

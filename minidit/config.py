@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import UserError, closest
-from .model import ALL_MODELS
+from .model import MODELS
 
 
 @dataclass
@@ -187,9 +187,9 @@ def _suggest_model(name: str) -> str:
     """`` (did you mean ...?)`` for an unknown model: a known size with a wrong patch size gets the closest
     patch sizes of that size (``DiT-XL/3`` -> ``'DiT-XL/2' or 'DiT-XL/4'``), anything else the closest name."""
     size, _, patch = name.rpartition("/")
-    patches = sorted(int(m.rpartition("/")[2]) for m in ALL_MODELS if m.rpartition("/")[0] == size)
+    patches = sorted(int(m.rpartition("/")[2]) for m in MODELS if m.rpartition("/")[0] == size)
     if not patches or not patch.isdigit():
-        return _suggest(name, ALL_MODELS)
+        return _suggest(name, MODELS)
     gap = min(abs(p - int(patch)) for p in patches)
     return f" (did you mean {' or '.join(repr(f'{size}/{p}') for p in patches if abs(p - int(patch)) == gap)}?)"
 
@@ -316,10 +316,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    if cfg.model not in ALL_MODELS:
-        raise UserError(
-            f"unknown model {cfg.model!r}{_suggest_model(cfg.model)}; choose one of {', '.join(ALL_MODELS)}"
-        )
+    if cfg.model not in MODELS:
+        raise UserError(f"unknown model {cfg.model!r}{_suggest_model(cfg.model)}; choose one of {', '.join(MODELS)}")
     patch = int(cfg.model.split("/")[1])
     factor = VAE_FACTOR if cfg.data == "latents" else 1
     if cfg.image_size <= 0 or cfg.image_size % (patch * factor):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import DiT, DiT_models
+from .model import MODELS, DiT, create_model
 
 #: The paper's model table (Table 1, and the Gflops of its 12 models): params (millions), forward GMACs at 256 px.
 PAPER_TABLE: dict[str, tuple[float, float]] = {
@@ -54,7 +55,7 @@ def model_stats(
 ) -> ModelStats:
     """Count parameters and forward MACs per image of a DiT.
 
-    ``model`` is a name from ``DiT_models`` (built on the meta device with
+    ``model`` is a name from ``MODELS`` (built on the meta device with
     ``input_size``, ``num_classes`` and ``kwargs``) or a DiT instance (measured
     on a meta copy of its configuration). Nothing is allocated: about 0.3 s for XL/2
     (the first call in a process adds 1-2 s of FlopCounterMode start-up).
@@ -70,9 +71,9 @@ def model_stats(
         )  # fmt: skip
         builder = DiT
     else:
-        if model not in DiT_models:
-            raise KeyError(f"unknown model {model!r}; choose one of {sorted(DiT_models)}")
-        name, builder = model, DiT_models[model]
+        if model not in MODELS:
+            raise KeyError(f"unknown model {model!r}; choose one of {list(MODELS)}")
+        name, builder = model, partial(create_model, model)
         config = dict(input_size=input_size, num_classes=num_classes, **kwargs)
     with torch.device("meta"):
         net = builder(**config, attn_backend="math").eval()

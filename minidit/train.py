@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +36,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from . import config as C
 from . import rundir
 from .checkpoint import CheckpointError, atomic_write, describe_mismatch, read_file, save_checkpoint
 from .data import latent_x0
-from .diffusion import create_diffusion
+from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import DataError, UserError, run_cli
-from .model import ALL_MODELS, DiT
+from .model import DiT, create_model
 
 CHECKPOINT_VERSION = 1
 
@@ -260,7 +262,8 @@ def count_line(targets, class_names: list[str], shown: int = 12) -> str:
 
 
 def build_model(cfg: C.TrainConfig, spec: DataSpec) -> DiT:
-    return ALL_MODELS[cfg.model](
+    return create_model(
+        cfg.model,
         input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes,
         learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob,
         attn_backend=cfg.attn_backend, grad_checkpointing=cfg.grad_checkpointing,
@@ -291,6 +294,57 @@ def update_ema(ema: DiT, model: DiT, decay: float) -> None:
     ema_p = [p for p, q in zip(ema.parameters(), model.parameters()) if q.requires_grad]
     model_p = [q for q in model.parameters() if q.requires_grad]
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+
+
+def train_step(
+    model: nn.Module,
+    raw: DiT,
+    ema: DiT,
+    opt: torch.optim.Optimizer,
+    diffusion: GaussianDiffusion,
+    micro_batches: Iterable[tuple[torch.Tensor, ...]],
+    *,
+    accum: int,
+    lr: float,
+    ema_decay: float,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float = 0.0,
+    ema_update: Callable[[nn.Module, nn.Module, float], None] | None = None,
+) -> torch.Tensor:
+    """One optimizer step: what ``python -m minidit.train`` runs, and what ``minidit.bench`` times.
+
+    ``micro_batches`` yields ``accum`` tuples (x0 [b, C, I, I], y [b], t [b], noise [b, C, I, I],
+    drop [b]) on the device; ``model`` is the module to call (``raw`` itself, or ``raw`` wrapped by DDP or
+    ``torch.compile``). The forward runs under autocast in ``amp_dtype`` (None: fp32), the hybrid loss
+    L_simple + L_vlb (section 3.1) in fp32 outside it; gradients are averaged over the micro-batches
+    (DDP all-reduces at the last one only), optionally clipped, then AdamW at ``lr`` and the EMA.
+    Returns the [3] sums of (loss, mse, vb) over the images, on the device: no host sync.
+    """
+    device = next(raw.parameters()).device
+    net = fp32_output(model, device.type, amp_dtype)
+    sums = torch.zeros(3, device=device)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for a, (x, y, t, noise, drop) in enumerate(micro_batches):
+        ctx = model.no_sync() if a < accum - 1 and hasattr(model, "no_sync") else nullcontext()
+        with ctx:
+            losses = diffusion.training_losses(net, x, t, model_kwargs=dict(y=y, force_drop_ids=drop), noise=noise)
+            loss = losses["loss"].mean() / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        sums += torch.stack([losses[k].detach().float().sum() for k in ("loss", "mse", "vb")])
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    (ema_update or update_ema)(ema, raw, ema_decay)  # default: minidit's fused lerp
+    return sums
 
 
 # --------------------------------------------------------------------------
@@ -508,43 +562,27 @@ class Trainer:
         return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
 
     def train_step(self, step: int, batches) -> torch.Tensor:
-        """One optimizer step over ``accum`` micro-batches. Returns the [3] (loss, mse, vb) sums,
-        on the device (no host sync)."""
+        """One optimizer step of the run over ``accum`` micro-batches (``train_step`` below). Returns the
+        [3] (loss, mse, vb) sums, on the device (no host sync)."""
         t, noise, drop, flip, eps_z = self.step_noise(step)
-        net = fp32_output(self.model, self.device.type, self.amp_dtype)
-        sums = torch.zeros(3, device=self.device)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(step)
-        for a in range(self.accum):
-            x, y = next(batches)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            pos = batch_positions(a, self.micro, self.d).to(self.device)
-            if self.spec.flip_mode == "pixels":
-                x = torch.where(flip[pos].view(-1, 1, 1, 1), x.flip(-1), x)
-            elif self.spec.latent:  # stored flips, posterior samples: z = (mean + std * eps_z) * 0.18215
-                x = latent_x0(x, flip[pos], None if eps_z is None else eps_z[pos])
-            sync = a == self.accum - 1 or self.d.world_size == 1
-            ctx = nullcontext() if sync else self.model.no_sync()
-            with ctx:  # the losses in fp32, outside autocast
-                losses = self.diffusion.training_losses(
-                    net, x, t[pos], model_kwargs=dict(y=y, force_drop_ids=drop[pos]), noise=noise[pos]
-                )
-                loss = losses["loss"].mean() / self.accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            sums += torch.stack([losses[k].detach().float().sum() for k in ("loss", "mse", "vb")])
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.raw, self.cfg.ema_decay)
-        return sums
+
+        def micro_batches():
+            for a in range(self.accum):
+                x, y = next(batches)
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                pos = batch_positions(a, self.micro, self.d).to(self.device)
+                if self.spec.flip_mode == "pixels":
+                    x = torch.where(flip[pos].view(-1, 1, 1, 1), x.flip(-1), x)
+                elif self.spec.latent:  # stored flips, posterior samples: z = (mean + std * eps_z) * 0.18215
+                    x = latent_x0(x, flip[pos], None if eps_z is None else eps_z[pos])
+                yield x, y, t[pos], noise[pos], drop[pos]
+
+        return train_step(
+            self.model, self.raw, self.ema, self.opt, self.diffusion, micro_batches(), accum=self.accum,
+            lr=self.lr_at(step), ema_decay=self.cfg.ema_decay, amp_dtype=self.amp_dtype, scaler=self.scaler,
+            grad_clip=self.cfg.grad_clip,
+        )  # fmt: skip
 
     def run(self) -> int:
         cfg = self.cfg

@@ -336,8 +336,13 @@ def test_initial_weights_are_drawn_in_the_reference_order(kwargs):
 # --------------------------------------------------------------------------
 
 
-def test_zoo_has_the_twelve_configs():
-    assert sorted(minidit.DiT_models) == sorted(f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8))
+def test_zoo_is_table_1_plus_tiny():
+    from minidit.model import MODELS
+
+    paper = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # Table 1
+    want = {f"DiT-{s}/{p}": (*paper[s], p) for s in paper for p in (2, 4, 8)}
+    assert {k: v for k, v in MODELS.items() if not k.startswith("DiT-Ti/")} == want
+    assert sorted(minidit.DiT_models) == sorted(MODELS)
     with torch.device("meta"):
         xl = minidit.DiT_models["DiT-XL/2"]()
     assert (len(xl.blocks), xl.hidden_size, xl.num_heads, xl.patch_size, xl.input_size) == (28, 1152, 16, 2, 32)

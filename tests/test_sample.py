@@ -16,7 +16,7 @@ import minidit
 from minidit import sample, toy, train
 from minidit.checkpoint import save_checkpoint
 from minidit.errors import UserError, run_cli
-from minidit.model import ALL_MODELS
+from minidit.model import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,9 @@ def toy_run(tmp_path_factory):
 def make_run(run_dir: Path, class_dropout_prob: float = 0.1, nan: bool = False) -> Path:
     """A run directory as the trainer leaves it, without training: a perturbed DiT-Ti/8 on 16 px toy images."""
     torch.manual_seed(0)
-    model = ALL_MODELS["DiT-Ti/8"](input_size=16, in_channels=3, num_classes=10, class_dropout_prob=class_dropout_prob)
+    model = create_model(
+        "DiT-Ti/8", input_size=16, in_channels=3, num_classes=10, class_dropout_prob=class_dropout_prob
+    )
     sd = perturbed(model).state_dict()
     if nan:
         sd["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
