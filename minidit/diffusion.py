@@ -120,6 +120,15 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log(upper), torch.where(x > 0.999, log(1.0 - lower), log(upper - lower)))
 
 
+def randn(shape: Sequence[int], generator: Generators, device=None, dtype=None) -> torch.Tensor:
+    """N(0, I) of ``shape``. With a list of generators, sample i's noise comes from ``generator[i]``, so it
+    does not depend on the batch it is drawn in; a batch of k x len(list) (CFG's [x, x]) repeats it k times."""
+    if isinstance(generator, list | tuple):
+        z = torch.stack([torch.randn(*shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+        return z.repeat(shape[0] // len(z), *[1] * (len(shape) - 1))
+    return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+
 # --------------------------------------------------------------------------
 # The diffusion process
 # --------------------------------------------------------------------------
@@ -166,6 +175,10 @@ class GaussianDiffusion:
         }
         for name, value in tables.items():
             setattr(self, name, torch.from_numpy(value))
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Training timesteps, uniform over the steps: [n] long in 0 .. num_timesteps - 1 (one ``randint``)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
     # -- forward process ------------------------------------------------------------
 
@@ -298,14 +311,10 @@ class GaussianDiffusion:
     # -- sampling -------------------------------------------------------------------------
 
     def _randn(self, shape, like: torch.Tensor | None, generator: Generators, device, dtype=None):
-        """N(0, I) of ``shape``. With a list of generators, sample i's noise comes from ``generator[i]``, so it
-        does not depend on the batch it is drawn in; a batch of k x len(list) (CFG's [x, x]) repeats it k times."""
-        if isinstance(generator, list | tuple):
-            z = torch.stack([torch.randn(*shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
-            return z.repeat(shape[0] // len(z), *[1] * (len(shape) - 1))
+        """N(0, I) of ``shape``, as ``randn``; with no generator, like ``like``."""
         if generator is None and like is not None:
             return torch.randn_like(like)
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+        return randn(shape, generator, device, dtype)
 
     def p_sample(
         self,
