@@ -318,20 +318,19 @@ class ImageFolderDataset(Dataset):
 # --------------------------------------------------------------------------
 # CIFAR-10
 # --------------------------------------------------------------------------
-
-#: The folder the CIFAR-10 archive extracts to, and its files (torchvision's layout).
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_TEST_FILES = ("test_batch",)
-CIFAR10_META_FILE = "batches.meta"
+#
+# torchvision does the downloading: URL, MD5s and layout come from ``torchvision.datasets.CIFAR10`` and its
+# helper fetches, checks and extracts the archive. Written here is what it cannot do: read the files without
+# running code (``CIFAR10(...)`` uses plain ``pickle.load``, which calls any global a tampered file names, and
+# ``torch.load(weights_only=True)`` reads only ``torch.save`` files: "Invalid magic number" on these plain
+# pickles), load a copy that is not the official release (``CIFAR10(...)`` refuses it: "Dataset not found or
+# corrupted"; here it loads, with a warning), and fail in one ``DataError`` line instead of a traceback.
 
 
 @contextmanager
-def _socket_timeout(seconds: float):
-    """urllib opens URLs without a timeout; give them one so a dead network fails instead of hanging.
-
-    A default timeout the caller has already set is kept.
-    """
+def socket_timeout(seconds: float):
+    """urllib (torchvision's and torch.hub's downloads) opens URLs without a timeout: give them one, so a dead
+    network fails instead of hanging. A default timeout the caller has already set is kept."""
     old = socket.getdefaulttimeout()
     if old is None:
         socket.setdefaulttimeout(seconds)
@@ -344,11 +343,10 @@ def _socket_timeout(seconds: float):
 class _NumpyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and plain containers only (what CIFAR-10's files hold), never code.
 
-    ``pickle.load`` (what torchvision uses) imports and calls any global a file names, so a
-    tampered file could run anything. CIFAR-10's batch files are dicts of a numpy array, lists,
-    ints and strings; ``batches.meta`` a dict of a list of strings and ints. Those need no
-    globals but numpy's array reconstruction (and ``_codecs.encode``, which Python 3 writes for
-    bytes in protocol-2 pickles): any other global is refused before it is imported.
+    CIFAR-10's batch files are dicts of a numpy array, lists, ints and strings; ``batches.meta`` a dict of
+    a list of strings and ints. Those need no globals but numpy's array reconstruction (and
+    ``_codecs.encode``, which Python 3 writes for bytes in protocol-2 pickles): any other global is refused
+    before it is imported, with its name.
     """
 
     ALLOWED = {
@@ -380,23 +378,25 @@ def cifar10_files(root: str | os.PathLike = "data/cifar10", train: bool = True, 
     verified ``cifar-10-python.tar.gz`` is there already, and extracted. Failures (no network,
     a bad archive, ...) raise ``DataError`` with one line.
     """
+    from torchvision.datasets import CIFAR10
+
     root = Path(root).expanduser()
-    folder = root / CIFAR10_FOLDER
+    folder = root / CIFAR10.base_folder
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: is a file; CIFAR-10 needs a directory (it is kept in {folder})")
-    names = list(CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES)
-    missing = [name for name in [*names, CIFAR10_META_FILE] if not (folder / name).is_file()]
+    names = [name for name, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    needed = [*names, CIFAR10.meta["filename"]]
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing and not download:
         raise DataError(
             f"{folder}: CIFAR-10 not found (no {', '.join(missing)}); pass download=True, "
             "or put cifar-10-batches-py/ there by hand"
         )
     if missing:
-        from torchvision.datasets import CIFAR10
         from torchvision.datasets import utils as tv_utils
 
         try:
-            with _socket_timeout(60):
+            with socket_timeout(60):
                 # What CIFAR10(root, download=True) runs, without its loading with plain pickle.load afterwards.
                 tv_utils.download_and_extract_archive(
                     CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
@@ -407,7 +407,7 @@ def cifar10_files(root: str | os.PathLike = "data/cifar10", train: bool = True, 
                 f"cannot download CIFAR-10 to {root}: {reason}; without internet, put cifar-10-batches-py/ "
                 f"(or {CIFAR10.filename}) there by hand"
             ) from None
-        missing = [name for name in [*names, CIFAR10_META_FILE] if not (folder / name).is_file()]
+        missing = [name for name in needed if not (folder / name).is_file()]
         if missing:
             archive = root / CIFAR10.filename
             raise DataError(f"{folder}: no {', '.join(missing)} after extracting {archive}; delete it and retry")
@@ -455,21 +455,6 @@ def _read_class_names(path: Path) -> list[str]:
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
-def _warn_if_not_official(files: list[Path]) -> None:
-    """One warning naming the files whose MD5 differs from the official release's (torchvision's list)."""
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import check_integrity
-
-    md5 = dict(CIFAR10.train_list + CIFAR10.test_list) | {CIFAR10.meta["filename"]: CIFAR10.meta["md5"]}
-    differ = [f.name for f in files if not check_integrity(str(f), md5[f.name])]
-    if differ:
-        warnings.warn(
-            f"{files[0].parent}: {', '.join(differ)} differ from the official CIFAR-10 release (md5): "
-            "results on these images (FIDs included) are not comparable with published numbers",
-            stacklevel=3,
-        )
-
-
 def load_cifar10_arrays(
     root: str | os.PathLike = "data/cifar10", train: bool = True, download: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -486,11 +471,21 @@ def load_cifar10_arrays(
     from the official release's MD5s loads, with one warning. A damaged file (truncated, not
     CIFAR-10, refused) raises ``DataError`` with one line naming it.
     """
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
     files = cifar10_files(root, train, download)
-    meta = files[0].parent / CIFAR10_META_FILE
+    meta = files[0].parent / CIFAR10.meta["filename"]
     class_names = _read_class_names(meta)
     rows, labels = zip(*(_read_batch(f, len(class_names)) for f in files), strict=True)
-    _warn_if_not_official([*files, meta])
+    md5 = dict(CIFAR10.train_list + CIFAR10.test_list) | {meta.name: CIFAR10.meta["md5"]}  # the official files'
+    differ = [f.name for f in [*files, meta] if not check_integrity(str(f), md5[f.name])]
+    if differ:
+        warnings.warn(
+            f"{meta.parent}: {', '.join(differ)} differ from the official CIFAR-10 release (md5): "
+            "results on these images (FIDs included) are not comparable with published numbers",
+            stacklevel=2,
+        )
     # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major: [N, 3, 32, 32] -> [N, 32, 32, 3].
     images = np.concatenate(rows).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, np.concatenate(labels), class_names

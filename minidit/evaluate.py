@@ -13,8 +13,13 @@ compared with published ones. It is maintained (v0.4.0 as of writing), takes uin
 and the same network also gives the Inception Score (its ``logits_unbiased`` output) should we want IS.
 It is an optional dependency, imported only when FID needs it.
 
-The Fréchet distance, the statistics and the data handling are written here, so that they can be read
-and tested with any feature extractor: a callable from uint8 images [B, 3, H, W] to float features [B, F].
+From torch-fidelity only the network is used. Its ``calculate_metrics`` computes FID from folders and
+CIFAR-10 too, but what is written here it does not do: the Fréchet distance with ``sqrtm`` as the published
+evaluators (its trace comes from eigenvalues; here it is lesson material), ``.npz`` samples (the ADM format)
+and ``mu``/``sigma`` files, a cache that notices changed files (it caches a folder only under a name the user
+gives), CIFAR-10 read without running code (it uses torchvision's ``pickle.load``), its weights read with
+``weights_only=True`` (it uses ``False``), and one-line errors (it raises assertion tracebacks). All of it
+works with any feature extractor: a callable from uint8 images [B, 3, H, W] to float features [B, F].
 
 Images are uint8 [N, H, W, 3] arrays, as the samplers write them: an ``.npz`` with the images in
 ``arr_0`` (the format of OpenAI's ADM evaluator; ``labels`` optional), or a folder of image files.
@@ -32,7 +37,6 @@ import hashlib
 import http.client
 import importlib
 import os
-import pickle
 import re
 import sys
 import warnings
@@ -45,9 +49,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
-from .data import _socket_timeout, cifar10_files, load_cifar10_arrays
+from .checkpoint import CheckpointError, atomic_write, read_file
+from .data import cifar10_files, load_cifar10_arrays, socket_timeout
 from .errors import ArgumentParser, DataError, UserError, positive_int, run_cli
+from .runtime import resolve_device
 
 #: A feature extractor: uint8 images [B, 3, H, W] -> float features [B, F] (a 1-tuple of that is accepted too).
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -134,17 +139,6 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _check_device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device if device is not None else default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here (use --device cpu)")
-    return device
-
-
 def _to_nchw_uint8(batch) -> torch.Tensor:
     """One batch of images -> torch uint8 [B, 3, H, W]: numpy arrays are [B, H, W, 3], tensors [B, 3, H, W]."""
     if isinstance(batch, np.ndarray):
@@ -170,9 +164,9 @@ def compute_features(
     images: numpy uint8 [N, H, W, 3], torch uint8 [N, 3, H, W], or an iterable of such batches (streamed).
     extractor: callable uint8 [B, 3, H, W] on ``device`` -> float [B, F] (or a 1-tuple of it, as
     torch-fidelity's extractors return); an ``nn.Module`` is moved to ``device`` first.
-    device: default CUDA when available, else CPU.
+    device: default ``"auto"`` (``minidit.runtime.resolve_device``: CUDA when available, else MPS, else CPU).
     """
-    device = _check_device(device)
+    device = resolve_device(device or "auto")
     if isinstance(extractor, torch.nn.Module):
         extractor.to(device)
     if isinstance(images, np.ndarray | torch.Tensor):
@@ -198,22 +192,6 @@ def compute_features(
     return np.concatenate(chunks)
 
 
-class InceptionFeatures(torch.nn.Module):
-    """torch-fidelity's TF-compatible InceptionV3: uint8 [B, 3, H, W] (any H, W) -> pool features float32 [B, 2048].
-
-    The images are resized to 299x299 inside, as TF1 did. Build it with ``inception_extractor()``.
-    """
-
-    name = INCEPTION_NAME
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[0]
-
-
 def inception_weights_path() -> Path:
     """Where torch-fidelity's InceptionV3 weights are cached: ``<torch hub dir>/checkpoints/<file>``.
 
@@ -226,13 +204,16 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
 
 
-def inception_extractor(device: str | torch.device | None = None) -> InceptionFeatures:
-    """The FID feature extractor, in eval mode on ``device``; downloads its weights (~100 MB) on first use.
+def inception_extractor(device: str | torch.device | None = None) -> torch.nn.Module:
+    """torch-fidelity's TF-compatible InceptionV3, the FID feature extractor, in eval mode on ``device``.
 
-    Raises ``UserError`` if torch-fidelity is not installed, or if the weights are not cached and cannot
-    be downloaded (the message says where to put the file by hand).
+    uint8 [B, 3, H, W] (any H, W: resized to 299x299 inside, as TF1 did) -> a 1-tuple of pool features
+    float32 [B, 2048]; its ``name`` is ``"inception-v3-compat"``. Downloads its weights (~100 MB) on first use.
+    Raises ``UserError`` if torch-fidelity is not installed, if the weights are not cached and cannot be
+    downloaded (the message says where to put the file by hand), or if the cached file is unreadable or
+    would run code.
     """
-    device = _check_device(device)
+    device = resolve_device(device or "auto")
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
     except ImportError:
@@ -249,22 +230,32 @@ def inception_extractor(device: str | torch.device | None = None) -> InceptionFe
         if not path.is_file():
             match = torch.hub.HASH_REGEX.search(path.name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with _socket_timeout(60):
+            with socket_timeout(60):
                 torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), match and match.group(1), progress=True)
-        net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"])
     except (OSError, http.client.HTTPException) as e:  # URLError, ConnectionError, TimeoutError are OSErrors
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"could not download torch-fidelity's InceptionV3 weights ({reason}); offline? {offline}"
         ) from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not path.is_file():  # a download that failed its checksum
-            raise UserError(f"could not download torch-fidelity's InceptionV3 weights ({first}). {offline}") from None
+    except RuntimeError as e:  # a download that failed its checksum
         raise UserError(
-            f"the cached InceptionV3 weights {path} are unreadable ({first}): delete the file and retry"
+            f"could not download torch-fidelity's InceptionV3 weights ({_first_line(e)}). {offline}"
         ) from None
-    return InceptionFeatures(net).eval().to(device)
+    try:
+        # torch-fidelity reads the file with torch.load(weights_only=False), which runs any code a tampered file
+        # holds: read it first as minidit reads every checkpoint (weights_only=True), refusing what that refuses.
+        read_file(path, kind="torch")
+        net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"])
+    except (CheckpointError, RuntimeError, EOFError) as e:  # CheckpointError: corrupt, or refused (it runs code)
+        reason = str(e).removeprefix(f"{path}: ").split(". ")[0] if isinstance(e, CheckpointError) else _first_line(e)
+        raise UserError(
+            f"the cached InceptionV3 weights {path} are unreadable ({reason}): delete the file and retry"
+        ) from None
+    return net.eval().to(device)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _extractor_name(extractor: Extractor) -> str:
@@ -364,18 +355,6 @@ def _source_images(source, batch_size: int) -> Iterable | np.ndarray | torch.Ten
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     return load_images(path)
-
-
-def load_cifar10(root: str | os.PathLike = DEFAULT_CIFAR10_ROOT, download: bool = True) -> np.ndarray:
-    """CIFAR-10's 50,000 training images -> uint8 [50000, 32, 32, 3].
-
-    ``minidit.data.load_cifar10_arrays`` (train split): reads ``<root>/cifar-10-batches-py/`` (torchvision's
-    layout) without running code, downloading the official archive first if the files are missing. A copy
-    that is not the official release gets a warning, since FIDs against it are not comparable with
-    published ones.
-    """
-    images, _, _ = load_cifar10_arrays(root, train=True, download=download)
-    return images
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +472,7 @@ def _reference(
                 return stats
 
     if is_cifar10:
-        images = load_cifar10(root, download=download)
+        images = load_cifar10_arrays(root, train=True, download=download)[0]  # the 50,000 training images
     else:
         images = _source_images(source, batch_size)
     features = compute_features(images, extractor, batch_size, device, progress, desc=f"reference {label}")
@@ -710,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def common(p, batch_size):
         p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"default {batch_size}")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        p.add_argument(
+            "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, MPS or CPU)"
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = commands.add_parser("fid", help="FID of samples against real images (torch-fidelity's InceptionV3)")
@@ -735,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     progress = not args.no_progress
-    device = _check_device(args.device)
+    device = resolve_device(args.device)
 
     if args.command == "fid":
         _check_reference_arg(args.ref)

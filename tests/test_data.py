@@ -369,6 +369,35 @@ def test_cifar10_offline_without_files_is_a_quick_data_error(tmp_path, no_downlo
         cifar10(root=tmp_path / "file")
 
 
+def test_cifar10_download_runs_with_a_socket_timeout(tmp_path, monkeypatch):
+    """urllib waits forever on a dead network unless a default socket timeout is set: the download gets 60 s,
+    a timeout the caller set is kept, and the old default comes back afterwards."""
+    import socket
+
+    import torchvision.datasets.utils
+
+    seen = []
+
+    def offline(*args, **kwargs):
+        seen.append(socket.getdefaulttimeout())
+        raise urllib.error.URLError("timed out")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    old = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(None)
+        with pytest.raises(DataError, match="cannot download CIFAR-10 .*timed out"):
+            cifar10(root=tmp_path / "cifar")
+        assert socket.getdefaulttimeout() is None
+        socket.setdefaulttimeout(5.0)
+        with pytest.raises(DataError, match="cannot download CIFAR-10"):
+            cifar10(root=tmp_path / "cifar")
+        assert socket.getdefaulttimeout() == 5.0
+    finally:
+        socket.setdefaulttimeout(old)
+    assert seen == [60, 5.0]
+
+
 def test_cifar10_archive_put_by_hand_is_extracted_offline(tmp_path, monkeypatch):
     """torchvision's real download path: a verified cifar-10-python.tar.gz in root is extracted, nothing fetched."""
     import tarfile

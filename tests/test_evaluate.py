@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import linalg
 
 from minidit import evaluate
+from minidit.data import load_cifar10_arrays
 from minidit.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +226,7 @@ def test_cli_fid_against_cifar10(tmp_path, monkeypatch, capsys):
     batches = write_fake_cifar10(tmp_path / "cifar", per_batch=8)
     train = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
     with pytest.warns(UserWarning, match="differ from the official CIFAR-10"):
-        np.testing.assert_array_equal(evaluate.load_cifar10(tmp_path / "cifar", download=False), train)
+        np.testing.assert_array_equal(load_cifar10_arrays(tmp_path / "cifar", download=False)[0], train)
     extractor = TinyExtractor()
     monkeypatch.setattr(evaluate, "inception_extractor", lambda device=None: extractor)
     samples = random_images(36, size=32, seed=13)
@@ -286,6 +287,36 @@ def test_inception_weights_unavailable_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(tf, "load_state_dict_from_url", damaged)
     with pytest.raises(UserError, match="unreadable.*delete"):
         evaluate.inception_extractor("cpu")
+
+
+class RunsCode:
+    """Unpickling this with ``pickle.load`` (or ``torch.load(weights_only=False)``) creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_tampered_inception_weights_are_refused_before_torch_fidelity_unpickles_them(tmp_path, monkeypatch):
+    """torch-fidelity loads its cached weights with torch.load(weights_only=False): minidit reads the file
+    safely first, so a file that would run code is one line and runs nothing."""
+    pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = evaluate.inception_weights_path()
+    path.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"Conv2d_1a_3x3.conv.weight": RunsCode(marker)}, path)
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it ...
+    assert marker.is_file()
+    marker.unlink()
+    with pytest.raises(UserError) as e:
+        evaluate.inception_extractor("cpu")
+    assert not marker.exists()  # ... but not here
+    message = str(e.value)
+    assert f"{path} are unreadable (refused" in message and "exec" in message and "delete" in message, message
+    assert "\n" not in message
 
 
 # --------------------------------------------------------------------------
