@@ -5,115 +5,80 @@
     torchrun --nproc_per_node 8 -m minidit.train --config imagenet256-xl2 --data-path data/latents/imagenet256
 
 Every field of ``TrainConfig`` can be overridden on the command line as
-``--field value`` (or ``--field=value``; dashes and underscores are the same).
+``--field value`` (or ``--field=value``; dashes and underscores are the same): ``build_parser`` makes an
+argparse option of each field, typed from its annotation, with its help line.
 Unknown fields, bad values and impossible combinations fail before any work,
 in one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import UserError, closest
+from .errors import ArgumentParser, UserError, closest
 from .model import MODELS
+
+
+def _field(default: Any, text: str) -> Any:
+    """A ``TrainConfig`` field and its line in ``--help``."""
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclass
 class TrainConfig:
     # -- data ----------------------------------------------------------------------------
-    data: str = "toy"  # toy | cifar10 | folder | latents
-    data_path: str | None = None  # folder of class subfolders, or a latent directory from extract_latents
-    data_root: str = "data"  # where CIFAR-10 is downloaded
-    image_size: int = 32  # pixels; latent models use image_size / 8
-    num_classes: int | None = None  # None: from the dataset
-    num_workers: int = 0  # DataLoader workers (real datasets)
-    latent_sampling: str = "fresh"  # latents: fresh (a posterior sample per image and step) | frozen (stored ones)
-    hflip: bool = True  # random horizontal flips of the training images (real datasets), as the reference
+    data: str = _field("toy", "what to train on: toy (shapes drawn on the fly) | cifar10 | folder | latents")
+    data_path: str | None = _field(None, "image folder (one subfolder per class) or minidit.extract_latents output")
+    data_root: str = _field("data", "where CIFAR-10 is downloaded")
+    image_size: int = _field(32, "image side in pixels (latent models train on image_size / 8)")
+    num_classes: int | None = _field(None, "number of classes (none: from the dataset)")
+    num_workers: int = _field(0, "DataLoader worker processes for real datasets (0: load in the training process)")
+    latent_sampling: str = _field(
+        "fresh",
+        "latents: fresh (a new posterior sample and flip per image and step, as the reference; needs "
+        "extract_latents' default --posterior moments) | frozen (train on stored samples)",
+    )
+    hflip: bool = _field(True, "flip half of the images left-right, as the reference (off for digits, text...)")
     # -- model -----------------------------------------------------------------------------
-    model: str = "DiT-Ti/4"
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
-    attn_backend: str = "sdpa"  # sdpa | math | flash_attn
-    grad_checkpointing: bool = False
-    compile: bool = False
+    model: str = _field("DiT-Ti/4", "DiT-{Ti,S,B,L,XL}/{2,4,8}: size / patch size")
+    learn_sigma: bool = _field(True, "learn the variance too (hybrid loss mse + vb), as the paper")
+    class_dropout_prob: float = _field(0.1, "label dropout: the null class for guidance (0: no guidance possible)")
+    attn_backend: str = _field("sdpa", "attention kernel")
+    grad_checkpointing: bool = _field(False, "recompute each block in the backward pass (less memory, slower)")
+    compile: bool = _field(False, "torch.compile the model")
     # -- diffusion -------------------------------------------------------------------------
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
+    noise_schedule: str = _field("linear", "beta schedule: linear (the paper) | cosine (Improved DDPM)")
+    diffusion_steps: int = _field(1000, "diffusion steps T of the training schedule")
     # -- optimisation (the reference: AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) -
-    global_batch_size: int = 64
-    micro_batch_size: int | None = None  # per process and step; None: global / world size (no accumulation)
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # 0: off, like the reference
-    max_steps: int = 1000
-    ema_decay: float = 0.9999
-    # auto: bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    tf32: bool = True
+    global_batch_size: int = _field(64, "images per optimizer step, over all processes")
+    micro_batch_size: int | None = _field(None, "images per process and forward pass (none: no accumulation)")
+    lr: float = _field(1e-4, "AdamW learning rate")
+    warmup_steps: int = _field(0, "linear learning-rate warm-up steps (0: none)")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    grad_clip: float = _field(0.0, "clip the gradient norm to this value (0: off, like the reference)")
+    max_steps: int = _field(1000, "train until this optimizer step")
+    ema_decay: float = _field(0.9999, "EMA decay of the weights used for sampling")
+    precision: str = _field("auto", "autocast (auto: bf16 on GPUs that have it, else fp16 + GradScaler; CPU: fp32)")
+    tf32: bool = _field(True, "TF32 matmuls on CUDA")
     # -- bookkeeping -----------------------------------------------------------------------
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    run_dir: str | None = None  # None: runs/<config>
-    log_every: int = 10
-    ckpt_every: int = 250
-    ckpt_keep_every: int = 0  # also keep step_XXXXXXX.pt every N steps (0: only last.pt)
-    sample_every: int = 500  # sample grid during training (0: only at the end)
-    samples_per_class: int = 6  # columns of the sample grid
-    sample_classes: str = ""  # comma-separated class ids for the grid rows ("": all, at most 16)
-    sample_steps: int = 100  # DDPM steps (respaced) for grids and evaluation
-    cfg_scale: float = 4.0  # guidance scale for grids and evaluation
-    eval_samples: int = 200  # final evaluation: samples to classify (toy data only; 0: skip)
-    vae: str = "ema"  # latent models: VAE used to decode grids (ema | mse | toy | a local directory)
-
-
-#: One line per field for ``--help`` (tests check that every field has one).
-HELP: dict[str, str] = {
-    "data": "what to train on: toy (shapes drawn on the fly) | cifar10 | folder | latents",
-    "data_path": "image folder (one subfolder per class) or latents directory from minidit.extract_latents",
-    "data_root": "where CIFAR-10 is downloaded",
-    "image_size": "image side in pixels (latent models train on image_size / 8)",
-    "num_classes": "number of classes (none: from the dataset)",
-    "num_workers": "DataLoader worker processes for real datasets (0: load in the training process)",
-    "model": "DiT-{Ti,S,B,L,XL}/{2,4,8}: size / patch size",
-    "learn_sigma": "learn the variance too (hybrid loss mse + vb), as the paper",
-    "class_dropout_prob": "label dropout in training: the null class for guidance (0: no guidance possible)",
-    "attn_backend": "attention kernel: sdpa | math | flash_attn",
-    "grad_checkpointing": "recompute each block in the backward pass (less memory, slower)",
-    "compile": "torch.compile the model",
-    "noise_schedule": "beta schedule: linear (the paper) | cosine (Improved DDPM)",
-    "diffusion_steps": "diffusion steps T of the training schedule",
-    "global_batch_size": "images per optimizer step, over all processes",
-    "micro_batch_size": "images per process and forward pass (none: no gradient accumulation)",
-    "lr": "AdamW learning rate",
-    "warmup_steps": "linear learning-rate warm-up steps (0: none)",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip the gradient norm to this value (0: off)",
-    "max_steps": "train until this optimizer step",
-    "ema_decay": "EMA decay of the weights used for sampling",
-    "precision": "auto (bf16/fp16 autocast on GPUs, fp32 on CPU) | fp32 | bf16 | fp16",
-    "tf32": "TF32 matmuls on CUDA",
-    "seed": "seed of the initial weights and of every step's noise",
-    "device": "auto | cpu | cuda | mps",
-    "run_dir": "run directory (none: runs/<config>)",
-    "log_every": "write a log.jsonl row every N steps",
-    "ckpt_every": "save checkpoints/last.pt every N steps",
-    "ckpt_keep_every": "also keep checkpoints/step_N.pt every N steps (0: only last.pt)",
-    "sample_every": "draw a sample grid every N steps (0: only at the end)",
-    "samples_per_class": "columns of the sample grids",
-    "sample_classes": "comma-separated class ids for the grid rows (empty: the first 16 classes)",
-    "sample_steps": "sampling steps (respaced DDPM) for grids and evaluation",
-    "cfg_scale": "classifier-free guidance scale for grids and evaluation",
-    "eval_samples": "samples the toy classifier checks at the end (toy data only; 0: skip)",
-    "vae": "latent models: VAE that decodes the grids (ema | mse | toy | a local directory)",
-    "latent_sampling": "latents: fresh (a new posterior sample and flip per image and step, as the reference; "
-    "needs extract_latents' default --posterior moments) | frozen (train on stored samples)",
-    "hflip": "flip half of the training images left-right (off for digits, text, anything with a handedness)",
-}  # fmt: skip
+    seed: int = _field(0, "seed of the initial weights and of every step's noise")
+    device: str = _field("auto", "where to train (auto: CUDA, else MPS, else CPU)")
+    run_dir: str | None = _field(None, "run directory (none: runs/<config>)")
+    log_every: int = _field(10, "write a log.jsonl row every N steps")
+    ckpt_every: int = _field(250, "save checkpoints/last.pt every N steps")
+    ckpt_keep_every: int = _field(0, "also keep checkpoints/step_N.pt every N steps (0: only last.pt)")
+    sample_every: int = _field(500, "draw a sample grid every N steps (0: only at the end)")
+    samples_per_class: int = _field(6, "columns of the sample grids")
+    sample_classes: str = _field("", "comma-separated class ids for the grid rows (empty: the first 16 classes)")
+    sample_steps: int = _field(100, "sampling steps (respaced DDPM) for grids and evaluation")
+    cfg_scale: float = _field(4.0, "classifier-free guidance scale for grids and evaluation")
+    eval_samples: int = _field(200, "samples the toy classifier checks at the end (toy data only; 0: skip)")
+    vae: str = _field("ema", "latent models: VAE that decodes the grids (ema | mse | toy | a local directory)")
 
 
 #: Named presets: each overrides some defaults. Fields not named keep TrainConfig's defaults.
@@ -170,11 +135,11 @@ ADDED_FIELDS = {
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: 256 px -> 32x32x4 latents
 
 
-#: Names people type from other trainers, mapped to ours (only used to suggest the right option).
+#: Options people type from other trainers, mapped to ours (only used to suggest the right option).
 ALIASES = {
-    "learning_rate": "lr", "batch_size": "global_batch_size", "steps": "max_steps", "iterations": "max_steps",
-    "epochs": "max_steps", "model_name": "model", "data_dir": "data_path", "dataset": "data",
-    "results_dir": "run_dir", "output_dir": "run_dir", "out": "run_dir", "cfg": "cfg_scale",
+    "learning-rate": "lr", "batch-size": "global-batch-size", "steps": "max-steps", "iterations": "max-steps",
+    "epochs": "max-steps", "model-name": "model", "data-dir": "data-path", "dataset": "data",
+    "results-dir": "run-dir", "output-dir": "run-dir", "out": "run-dir", "cfg": "cfg-scale",
 }  # fmt: skip
 
 
@@ -194,68 +159,96 @@ def _suggest_model(name: str) -> str:
     return f" (did you mean {' or '.join(repr(f'{size}/{p}') for p in patches if abs(p - int(patch)) == gap)}?)"
 
 
-def _parse_value(name: str, raw: str, annotation: str) -> Any:
-    kind = annotation.replace(" ", "")
-    optional = "None" in kind
-    if optional and raw.lower() in ("none", "null", ""):
-        return None
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _int(text: str) -> int:
+    """An int, also written as a float without a fraction (``4e5``)."""
     try:
-        if kind.startswith("bool"):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind.startswith("int"):
-            try:
-                return int(raw)
-            except ValueError:
-                value = float(raw)  # "4e5"
-                if not value.is_integer():
-                    raise
-                return int(value)
-        if kind.startswith("float"):
-            return float(raw)
+        return int(text)
     except ValueError:
-        raise UserError(f"--{name.replace('_', '-')}: expected {kind.split('|')[0]}, got {raw!r}") from None
-    return raw
+        value = float(text)
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+def _value_type(annotation: str):
+    """The ``argparse`` type of a field annotated ``annotation``: ``"int | None"`` reads ``4e5`` or none."""
+    kind, *others = annotation.replace(" ", "").split("|")
+
+    def parse(text: str) -> Any:
+        if "None" in others and text.lower() in ("none", "null", ""):
+            return None
+        try:
+            return {"bool": lambda t: BOOLS[t.lower()], "int": _int, "float": float, "str": str}[kind](text)
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+
+    return parse
+
+
+def _preset(name: str) -> str:
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(
+            f"unknown config {name!r}{_suggest(name, PRESETS)}; choose one of {', '.join(PRESETS)}"
+        )
+    return name
+
+
+def _shown(value: Any) -> str:
+    """A value as it is typed on the command line: ``DiT-Ti/4``, ``0.002``, ``false``, ``none``."""
+    return "none" if value is None else value if isinstance(value, str) and value else json.dumps(value)
+
+
+def build_parser() -> ArgumentParser:
+    """``--config NAME`` and one option per ``TrainConfig`` field (``--field-name``, typed from its annotation,
+    a bool alone means true). Options not given stay out of the result (``SUPPRESS``): the fields the user set
+    are told apart from defaults, even when equal to them (folder defaults and presets give way to them)."""
+    toy = {**dataclasses.asdict(TrainConfig()), **PRESETS["toy"]}
+    parser = ArgumentParser(
+        prog="python -m minidit.train",
+        usage="%(prog)s [--config NAME] [--key value ...]",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=42, width=1000),  # one line each
+    )
+    parser.add_argument(
+        "--config",
+        type=_preset,
+        metavar="NAME",
+        help=f"preset: {' | '.join(PRESETS)} (default: toy, whose defaults are shown)",
+    )
+    for f in fields(TrainConfig):
+        kind = str(f.type).split("|")[0].strip()
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=_value_type(str(f.type)),
+            # CHOICES are shown here, checked by validate() (with a "did you mean"), as saved configs are
+            metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else kind.upper(),
+            help=f"{f.metadata['help']} (default: {_shown(toy[f.name])})",
+            **(dict(nargs="?", const=True) if kind == "bool" else {}),
+        )
+    return parser
 
 
 def parse_overrides(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """``["--config", "toy", "--lr", "3e-4", "--compile"]`` -> ("toy", {"lr": 3e-4, "compile": True})."""
-    types = {f.name: str(f.type) for f in fields(TrainConfig)}
-    preset, overrides, i = "toy", {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: options look like --key value")
-        key, _, value = arg[2:].partition("=")
-        name = key.replace("-", "_")
-        has_value = bool(_) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
-        if not _ and has_value:
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if name == "config":
-            if not has_value:
-                raise UserError("--config needs a name: " + ", ".join(PRESETS))
-            if value not in PRESETS:
-                raise UserError(
-                    f"unknown config {value!r}{_suggest(value, PRESETS)}; choose one of {', '.join(PRESETS)}"
-                )
-            preset = value
+    """``["--config", "cifar10", "--lr=3e-4", "--compile"]`` -> ("cifar10", {"lr": 3e-4, "compile": True}):
+    the preset and the fields given on the command line."""
+    parser, args = build_parser(), []
+    for arg in argv:
+        if arg.startswith("--"):  # --max_steps is --max-steps
+            key, eq, value = arg.partition("=")
+            key = key.replace("_", "-")
+            if key[2:] in ALIASES:  # another trainer's name: point to ours
+                parser.error(f"unknown option {key} (did you mean --{ALIASES[key[2:]]}?)")
+            arg = key + eq + value
+        elif arg.startswith("-") and arg != "-h" and args and args[-1].startswith("--") and "=" not in args[-1]:
+            args[-1] += "=" + arg  # a value argparse would take for an option (--cfg-scale -inf): attach it
             continue
-        if name not in types:
-            guess = ALIASES.get(name) or closest(name, types)
-            hint = f" (did you mean --{guess.replace('_', '-')}?)" if guess else ""
-            raise UserError(f"unknown option --{key}{hint}; see --help for the list")
-        if not has_value:
-            if types[name].startswith("bool"):
-                value = "true"
-            else:
-                raise UserError(f"--{key} needs a value")
-        overrides[name] = _parse_value(name, value, types[name])
-    return preset, overrides
+        args.append(arg)
+    given = vars(parser.parse_args(args))
+    return given.pop("config", "toy"), given
 
 
 #: ``--data folder`` under the default config: the toy preset is tuned to the toy generator (16 tokens,
@@ -290,7 +283,7 @@ def describe_folder_defaults(applied: dict[str, Any], cfg: TrainConfig) -> str:
     """One line for the start of a run: the folder defaults in effect."""
     items = []
     for key, value in applied.items():
-        text = f"--{key.replace('_', '-')} {value if isinstance(value, str) else json.dumps(value)}"
+        text = f"--{key.replace('_', '-')} {_shown(value)}"
         if key == "model":
             tokens = (cfg.image_size // int(str(value).rpartition("/")[2])) ** 2
             text += f" ({tokens} tokens at {cfg.image_size} px)"
@@ -332,15 +325,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"CIFAR-10 images are 32x32; --image-size {cfg.image_size} needs --data folder")
     if cfg.data in ("folder", "latents") and not cfg.data_path:
         raise UserError(f"--data {cfg.data} needs --data-path")
-    positive = (
-        "global_batch_size",
-        "max_steps",
-        "log_every",
-        "ckpt_every",
-        "diffusion_steps",
-        "samples_per_class",
-        "sample_steps",
-    )
+    positive = ("global_batch_size", "max_steps", "log_every", "ckpt_every", "diffusion_steps", "samples_per_class",
+                "sample_steps")  # fmt: skip
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -436,15 +422,4 @@ def differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 
 
 def help_text() -> str:
-    lines = [
-        "usage: python -m minidit.train [--config NAME] [--key value ...]",
-        "",
-        "configs: " + ", ".join(PRESETS),
-        "",
-    ]
-    lines.append("fields (defaults of --config toy):")
-    toy = build_config("toy")
-    for f in fields(TrainConfig):
-        flag, default = f"--{f.name.replace('_', '-')}", json.dumps(getattr(toy, f.name))
-        lines.append(f"  {flag:<22} {default:<11} {HELP.get(f.name, '')}".rstrip())
-    return "\n".join(lines)
+    return build_parser().format_help().rstrip()

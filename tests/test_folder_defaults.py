@@ -27,6 +27,14 @@ def test_given_options_win_over_folder_defaults():
     assert cfg.noise_schedule == "linear"  # the others still apply
 
 
+def test_options_equal_to_a_default_still_win_over_folder_defaults():
+    given = ("--noise-schedule", "cosine", "--max-steps", "6000", "--hflip", "true", "--warmup-steps", "0")
+    cfg, applied = folder_config(*given)  # cosine, 6000: the toy preset's; hflip, warmup 0: TrainConfig's
+    assert (cfg.noise_schedule, cfg.max_steps, cfg.hflip, cfg.warmup_steps) == ("cosine", 6000, True, 0)
+    assert not {"noise_schedule", "max_steps", "hflip", "warmup_steps"} & set(applied)
+    assert applied["lr"] == cfg.lr == 1e-3  # the others still apply
+
+
 @pytest.mark.parametrize("size, model", [(16, "DiT-Ti/2"), (32, "DiT-Ti/4"), (64, "DiT-Ti/8"), (24, "DiT-Ti/4")])
 def test_patch_size_follows_the_image_size(size, model):
     cfg, applied = folder_config("--image-size", str(size))

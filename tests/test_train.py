@@ -1,6 +1,7 @@
 """The trainer: configs, outputs, exact resume (also after SIGKILL), DDP on gloo, bad input."""
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -118,7 +119,7 @@ def test_bad_options_fail_before_any_work(argv, message, tmp_path):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     out = cli("-m", "minidit.train", "--modle", "DiT-S/2", cwd=tmp_path)
     assert out.returncode == 2
-    expected = "error: unknown option --modle (did you mean --model?); see --help for the list"
+    expected = "error: unknown option --modle (did you mean --model?) (see `python -m minidit.train --help`)"
     assert out.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "runs").exists()
 
@@ -130,6 +131,46 @@ def test_help_lists_every_field_with_a_description(capsys):
         line = next((x for x in lines if x.split()[:1] == [f"--{field.replace('_', '-')}"]), None)
         assert line is not None, field
         assert len(line.split()) >= 4, f"no description: {line!r}"  # flag, default, then words
+
+
+def test_every_field_is_an_option_with_help_and_its_default():
+    toy = C.to_dict(C.build_config("toy"))
+    help_lines = C.help_text().splitlines()
+    for f in dataclasses.fields(C.TrainConfig):
+        flag, value = f"--{f.name.replace('_', '-')}", toy[f.name]
+        text = "none" if value is None else value if isinstance(value, str) else json.dumps(value)  # true, 0.002
+        shown = text or json.dumps(text)  # the empty string shows as ""
+        line = next(x for x in help_lines if x.split()[:1] == [flag])
+        assert f.metadata["help"] in line and line.endswith(f"(default: {shown})"), line
+        # each option reads back what --help shows, and a value equal to the default is still a given one
+        assert C.parse_overrides([f"{flag}={text}"]) == ("toy", {f.name: value}), flag
+        assert C.parse_overrides([f"--{f.name}", text]) == ("toy", {f.name: value}), "underscores work too"
+
+
+BOOL_WORDS = [(["true"], True), (["1"], True), (["Yes"], True), (["on"], True), ([], True), (["false"], False),
+              (["0"], False), (["NO"], False), (["off"], False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("words,value", BOOL_WORDS)
+def test_bool_options(words, value):
+    assert C.parse_overrides(["--compile", *words, "--lr", "1"]) == ("toy", {"compile": value, "lr": 1.0})
+    assert C.parse_overrides([f"--tf32={words[0]}" if words else "--tf32"]) == ("toy", {"tf32": value})
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max_stpes", "3"], "unknown option --max-stpes (did you mean --max-steps?)"),
+        (["--max", "3"], "unknown option --max (did you mean --max-steps?)"),  # no abbreviations
+        (["--lr", "1", "--sample-clases=1"], "unknown option --sample-clases (did you mean --sample-classes?)"),
+        (["--epochs", "3"], "unknown option --epochs (did you mean --max-steps?)"),
+        (["--data_dir", "x"], "unknown option --data-dir (did you mean --data-path?)"),
+    ],
+)
+def test_misspelled_options_get_a_suggestion(argv, message):
+    with pytest.raises(UserError) as e:
+        C.parse_overrides(argv)
+    assert str(e.value).startswith(message), str(e.value)
 
 
 def test_readme_shows_what_the_code_prints_for_a_model_typo():
