@@ -100,6 +100,8 @@ def read_file(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any
 
 
 def _safe_globals(classes: list[type]):
+    """``torch.serialization.safe_globals(classes)``; torch 2.4 (the oldest minidit supports) lacks the context
+    manager, and only allows them process-wide with ``add_safe_globals``."""
     if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
         return torch.serialization.safe_globals(classes)
     torch.serialization.add_safe_globals(classes)
@@ -110,8 +112,12 @@ def _pickle_global(path: Path) -> str | None:
     """The first global a plain ``pickle.dump`` file would import, read from its opcodes with
     pickletools (which executes nothing); None unless the file is one complete pickle.
 
-    torch's safe unpickler stops at the first opcode it does not support (FRAME, in the default
-    protocols 4 and 5) before it sees the global, so its own message cannot say what was refused.
+    Why it stays: ``torch.load(weights_only=True)`` alone already refuses every code-running file (nothing
+    here decides that), but for a plain pickle in protocol 0, 4 or 5 it stops at the first opcode it does
+    not support ("Unsupported operand 100" or 149, FRAME) before it sees the global, so its message cannot
+    say what was refused; and its message is several paragraphs whose first advice is to retry with
+    ``weights_only=False``. ``read_file`` turns that into one line naming the global (e.g. ``builtins.exec``;
+    test_checkpoint's ``test_code_running_pickle_is_refused[pickle]`` and ``[pickle-0]`` need this scan).
     """
     found, strings = None, []
     try:
