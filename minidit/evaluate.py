@@ -269,6 +269,9 @@ def _extractor_name(extractor: Extractor) -> str:
 # --------------------------------------------------------------------------
 # Images: .npz files, folders, CIFAR-10
 # --------------------------------------------------------------------------
+# torch-fidelity reads folders too (ImagesPathDataset), but only inside calculate_metrics and its DataLoader,
+# where images of two sizes are a torch.stack traceback; this reader streams batches to any extractor and
+# makes a bad or odd-sized image one line. CIFAR-10 comes from minidit.data (read without running code).
 
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
