@@ -13,8 +13,7 @@
 #             fused SDPA, eager) vs bf16+sdpa+compile (the headline row), then a sweep showing each step's
 #             contribution: fp32 (minidit's fused AdamW + foreach EMA only), bf16 (+ autocast), bf16+flash
 #             (flash-attn, if installed), and ref-2023 (the reference with the 2023 math attention: an
-#             extra); profiled with torch.profiler (top ops by CUDA time) if the headline MFU < 50%
-#   sample    DiT-XL/2 sampling: DDPM-250 and DDIM-50 with CFG (batch doubled), reference vs bf16+sdpa
+#             extra)
 #   b2        DiT-B/2 256 px: reference vs bf16+sdpa+compile
 #   s2cifar   DiT-S/2 on the CIFAR-10 config (pixels 32x32x3, 10 classes, batch 128): reference vs
 #             bf16+sdpa+compile
@@ -59,16 +58,12 @@ if ((DRY_RUN)); then
     DEV=(--device cpu --quick)
     XL=(--model DiT-S/8 --input-size 16 --batch-size 2 --warmup 1 --iters 1 --repeats 2)
     XL_CONFIGS="ref,fp32,bf16+sdpa+compile,bf16,bf16+flash,ref-2023"
-    SAMPLE=(--model DiT-S/8 --input-size 16 --sample-batch 1 --ddpm-steps 3 --ddim-steps 2 --sample-repeats 1)
-    SAMPLE_CONFIGS="ref,fp32"
     B2=(--model DiT-Ti/8 --input-size 16 --batch-size 2 --warmup 1 --iters 1 --repeats 2)
     S2=(--model DiT-Ti/8 --input-size 16 --in-channels 3 --num-classes 10 --batch-size 2 --warmup 1 --iters 1 --repeats 2)
     MINI_CONFIGS="ref,fp32,bf16+sdpa+compile"
 else
     DEV=(--device cuda)
     XL=(--model DiT-XL/2 --input-size 32 --warmup 3 --iters 5 --repeats 5)  # batch: 32 under 100 GiB, else 64
-    SAMPLE=(--model DiT-XL/2 --input-size 32 --sample-batch 32 --ddpm-steps 250 --ddim-steps 50 --sample-repeats 2)
-    SAMPLE_CONFIGS="ref,bf16+sdpa"
     B2=(--model DiT-B/2 --input-size 32 --batch-size 64 --warmup 3 --iters 10 --repeats 5)
     S2=(--model DiT-S/2 --input-size 32 --in-channels 3 --num-classes 10 --batch-size 128 --warmup 3 --iters 10 --repeats 5)
     MINI_CONFIGS="ref,bf16+sdpa+compile"
@@ -125,10 +120,9 @@ for mod in ("numpy", "PIL", "einops", "tqdm", "safetensors", "torchvision", "mat
 print("packages: " + ", ".join(f"{k} {v}" for k, v in found.items()))
 EOF
 run_stage tests 60 "$PY" -m pytest -o addopts="" -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests/test_model.py
-bench xl2 200 "${XL[@]}" --configs "$XL_CONFIGS" --no-sampling --profile-below 0.5
-bench sample 110 "${SAMPLE[@]}" --configs "$SAMPLE_CONFIGS" --no-training
-bench b2 80 "${B2[@]}" --configs "$MINI_CONFIGS" --no-sampling
-bench s2cifar 70 "${S2[@]}" --configs "$MINI_CONFIGS" --no-sampling
+bench xl2 240 "${XL[@]}" --configs "$XL_CONFIGS"
+bench b2 100 "${B2[@]}" --configs "$MINI_CONFIGS"
+bench s2cifar 90 "${S2[@]}" --configs "$MINI_CONFIGS"
 
 # -- the report -----------------------------------------------------------------------------------
 {
@@ -178,10 +172,9 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -c . || true)
     echo '```'
     grep -E "passed|failed|skipped|error|deselected|no tests ran" "$WORK/tests.log" 2>/dev/null | tail -n 5
     echo '```'
-    for name in xl2 sample b2 s2cifar; do
+    for name in xl2 b2 s2cifar; do
         case $name in
             xl2) title="DiT-XL/2, 256 px: reference vs minidit, and the sweep" ;;
-            sample) title="DiT-XL/2 sampling: DDPM-250 and DDIM-50 with CFG" ;;
             b2) title="DiT-B/2, 256 px" ;;
             s2cifar) title="DiT-S/2, CIFAR-10 config (pixels 32x32x3, 10 classes)" ;;
         esac
