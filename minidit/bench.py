@@ -22,28 +22,27 @@ import copy
 import datetime as dt
 import gc
 import importlib.util
-import json
 import os
 import platform
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import train
-from .checkpoint import atomic_write
 from .diffusion import create_diffusion
 from .errors import ArgumentParser, UserError, positive_int, run_cli
+from .fileio import write_json, write_text
 from .model import MODELS, create_model
+from .runtime import autocast_dtype, resolve_device
 from .stats import model_stats
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR, EMA_DECAY = 1e-4, 0.9999  # the reference's
 #: Timings are noise when their interquartile range exceeds this fraction of their median (quiet: a few %).
 NOISY_SPREAD = 0.25
@@ -139,30 +138,12 @@ def reference_ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: fl
         ema_p.mul_(decay).add_(p.data, alpha=1 - decay)
 
 
-@dataclass
-class Spec:
-    """What the rows share: the model, the data shape and the measurement."""
-
-    model: str
-    input_size: int
-    in_channels: int
-    num_classes: int
-    batch_size: int
-    device: str
-    warmup: int
-    iters: int
-    repeats: int
-    interleave: bool  # time the rows repeat by repeat in ABBA order (CPU), or one after the other (GPU)
-    quick: bool = False
-    seed: int = 0
-
-
 class TrainStep:
     """One row's model, EMA, optimizer and batch; ``step()`` is one ``minidit.train.train_step``."""
 
-    def __init__(self, spec: Spec, row: RowConfig, device: torch.device):
+    def __init__(self, spec: argparse.Namespace, row: RowConfig, device: torch.device):
         self.row, self.device = row, device
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(0)
         with torch.device(device):
             self.model = create_model(
                 spec.model, input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes,
@@ -176,7 +157,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type) if row.precision == "fp16" else None
         self.ema_update = reference_ema_update if row.ema == "loop" else train.update_ema
         self.diffusion = create_diffusion("")
-        g = torch.Generator(device).manual_seed(spec.seed)
+        g = torch.Generator(device).manual_seed(0)
         self.x = torch.randn(spec.batch_size, spec.in_channels, spec.input_size, spec.input_size, generator=g,
                              device=device)  # fmt: skip
         self.y = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g, device=device)
@@ -191,7 +172,7 @@ class TrainStep:
     def step(self) -> torch.Tensor:
         return train.train_step(
             self.forward, self.model, self.ema, self.opt, self.diffusion, [self.batch()], accum=1, lr=LR,
-            ema_decay=EMA_DECAY, amp_dtype=AMP_DTYPES[self.row.precision], scaler=self.scaler,
+            ema_decay=EMA_DECAY, amp_dtype=autocast_dtype(self.row.precision, self.device), scaler=self.scaler,
             ema_update=self.ema_update,
         )  # fmt: skip
 
@@ -213,18 +194,13 @@ def summarize(samples: Sequence[float]) -> dict[str, float]:
 
 
 def time_per_call(fn: Callable[[], Any], iters: int, device: torch.device, clock=time.perf_counter) -> float:
-    """Seconds per call over ``iters`` back-to-back calls: CUDA events and one sync at the end on a GPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
+    """Seconds per call over ``iters`` back-to-back calls (on a GPU: from idle to the last kernel's end)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t0 = clock()
     for _ in range(iters):
         fn()
+    sync()
     return (clock() - t0) / iters
 
 
@@ -268,58 +244,6 @@ def _failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
-def bench_training(spec: Spec, rows: list[RowConfig], device: torch.device, on_update, log) -> list[dict[str, Any]]:
-    """Time every row's step: ``spec.warmup`` untimed steps, then ``spec.repeats`` x ``spec.iters`` timed
-    ones. With ``spec.interleave`` the rows are timed repeat by repeat in ABBA order (a load change hits every
-    row alike), else one row at a time (its CUDA peak memory is its own). A failing row is recorded."""
-    results = [{"name": r.name, "config": asdict(r), "status": "pending", "note": ""} for r in rows]
-    for res, row in zip(results, rows):
-        if reason := skip_reason(row, device, spec.quick):
-            res.update(status="skipped", note=reason)
-            log(f"  {row.name}: skipped ({reason})")
-    todo = [i for i, r in enumerate(results) if r["status"] == "pending"]
-    steps: dict[int, TrainStep] = {}
-
-    def guarded(i: int, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except Exception as e:
-            results[i].update(status="failed", note=_failure(e))
-            steps.pop(i, None)
-            log(f"  {rows[i].name}: failed: {results[i]['note']}")
-
-    def warm_up(i: int) -> None:
-        steps[i], t0 = TrainStep(spec, rows[i], device), time.perf_counter()
-        time_per_call(steps[i].step, spec.warmup, device)  # compilation, allocator, lazy optimizer state
-        results[i].update(warmup_s=time.perf_counter() - t0, raw_step_s=[])
-
-    for group in [todo] if spec.interleave else [[i] for i in todo]:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in group:
-            guarded(i, lambda i=i: warm_up(i))
-        for rep in range(spec.repeats):
-            order = [i for i in group if i in steps]
-            for i in order if rep % 2 == 0 else order[::-1]:
-                guarded(
-                    i, lambda i=i: results[i]["raw_step_s"].append(time_per_call(steps[i].step, spec.iters, device))
-                )
-        for i in [i for i in group if i in steps]:
-            res, s = results[i], summarize(results[i]["raw_step_s"])
-            res.update(status="ok", time_s=s, images_per_s=spec.batch_size / s["median"])
-            res["memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            log(f"  {res['name']}: {s['median'] * 1e3:.1f} ms/step, {res['images_per_s']:.3g} img/s")
-        steps.clear()
-        if any(rows[i].compile for i in group):
-            torch._dynamo.reset()  # free the compiled graphs
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        add_ratios(results)
-        on_update(results)
-    return results
-
-
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -331,33 +255,74 @@ def describe_device(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
-def run_benchmark(spec: Spec, rows: list[RowConfig], command: str = "", on_update=lambda r: None, log=print):
-    """Time ``rows``; returns everything as one JSON-ready dict. ``on_update`` gets the result so far after
-    each row (so partial outputs survive a timeout)."""
+def run_benchmark(spec: argparse.Namespace, rows: list[RowConfig], command="", on_update=lambda r: None, log=print):
+    """Time every row's step: ``spec.warmup`` untimed steps (compilation, allocator, lazy optimizer state), then
+    ``spec.repeats`` x ``spec.iters`` timed ones. With ``spec.interleave`` the rows are timed repeat by repeat in
+    ABBA order (a load change hits every row alike), else one row at a time (its CUDA peak memory is its own).
+    A failing row is recorded and the others go on. Returns everything as one JSON-ready dict; ``on_update``
+    gets it after each row too (partial outputs survive a timeout)."""
     t0, device = time.perf_counter(), torch.device(spec.device)
-    if device.type == "cuda":  # the reference trainer's setting (it matters for the fp32 rows only)
+    cuda = device.type == "cuda"
+    if cuda:  # the reference trainer's setting (it matters for the fp32 rows only)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     stats = model_stats(spec.model, spec.input_size, spec.num_classes, in_channels=spec.in_channels)
     name = describe_device(device)
+    results = [{"name": r.name, "config": asdict(r), "status": "pending", "note": ""} for r in rows]
     result: dict[str, Any] = {
         "command": command, "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": name, "torch": torch.__version__, "settings": asdict(spec),
+        "device": name, "torch": torch.__version__, "settings": vars(spec),
         "load_average_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "model": {"params": stats.params, "tokens": stats.tokens, "forward_gmacs_per_image": stats.gmacs},
-        "notes": ["--quick: a small model and few steps"] if spec.quick else [], "training": [],
+        "training": results,
     }  # fmt: skip
     log(f"{spec.model} {spec.input_size}x{spec.input_size}x{spec.in_channels}, batch {spec.batch_size}, {name}")
+    for res, row in zip(results, rows):
+        if reason := skip_reason(row, device, spec.quick):
+            res.update(status="skipped", note=reason)
+            log(f"  {row.name}: skipped ({reason})")
+    steps: dict[int, TrainStep] = {}
 
-    def update(training: list[dict[str, Any]]) -> None:
-        for res in training:  # FLOPs of one training image: 3 forwards (backward ~ 2) of 2 FLOPs per MAC
-            if res["status"] == "ok":
-                res["tflops"] = res["images_per_s"] * 6 * stats.gmacs / 1e3
-                peak = peak_tflops(name, res["config"]["precision"]) if device.type == "cuda" else None
-                res["mfu"] = res["tflops"] / peak if peak else None
-        result["training"] = training
+    def guarded(fn: Callable[[int], Any], i: int) -> None:  # a failing row is recorded, the others go on
+        try:
+            fn(i)
+        except Exception as e:
+            results[i].update(status="failed", note=_failure(e))
+            steps.pop(i, None)
+            log(f"  {rows[i].name}: failed: {results[i]['note']}")
+
+    def warm_up(i: int) -> None:
+        steps[i], t0 = TrainStep(spec, rows[i], device), time.perf_counter()
+        time_per_call(steps[i].step, spec.warmup, device)
+        results[i].update(warmup_s=time.perf_counter() - t0, raw_step_s=[])
+
+    def time_row(i: int) -> None:
+        results[i]["raw_step_s"].append(time_per_call(steps[i].step, spec.iters, device))
+
+    todo = [i for i, r in enumerate(results) if r["status"] == "pending"]
+    for group in [todo] if spec.interleave else [[i] for i in todo]:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in group:
+            guarded(warm_up, i)
+        for rep in range(spec.repeats):
+            order = [i for i in group if i in steps]
+            for i in order if rep % 2 == 0 else order[::-1]:
+                guarded(time_row, i)
+        for i in [i for i in group if i in steps]:
+            res, s = results[i], summarize(results[i]["raw_step_s"])
+            ips, peak = spec.batch_size / s["median"], peak_tflops(name, rows[i].precision) if cuda else None
+            tflops = ips * 6 * stats.gmacs / 1e3  # training image: 3 forwards (backward ~ 2) of 2 FLOPs per MAC
+            res.update(status="ok", time_s=s, images_per_s=ips, tflops=tflops, mfu=tflops / peak if peak else None)
+            res["memory_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else None
+            log(f"  {res['name']}: {s['median'] * 1e3:.1f} ms/step, {ips:.3g} img/s")
+        steps.clear()
+        if any(rows[i].compile for i in group):
+            torch._dynamo.reset()  # free the compiled graphs
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        add_ratios(results)
         on_update(result)
-
-    bench_training(spec, rows, device, update, log)
     result["wall_s"] = time.perf_counter() - t0
     flag_noise(result, os.cpu_count())
     on_update(result)
@@ -407,16 +372,15 @@ def format_report(result: dict[str, Any]) -> str:
         "",
     ]
     lines += _table(TRAIN_COLUMNS, [_cells(r) for r in result["training"]])
-    lines += [f"note: {n}" for n in result["notes"]]
     lines += [f"wall time: {result['wall_s']:.1f} s" if "wall_s" in result else "(partial: the run did not finish)"]
     return "\n".join(lines + [w for w in [noise_warning(result)] if w]) + "\n"
 
 
 def write_outputs(result: dict[str, Any], json_path: str | None, markdown_path: str | None) -> None:
-    for path, text in ((json_path, lambda: json.dumps(result, indent=2)),
-                       (markdown_path, lambda: format_report(result))):  # fmt: skip
-        if path:
-            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text()))
+    if json_path:
+        write_json(json_path, result)
+    if markdown_path:
+        write_text(markdown_path, format_report(result))
 
 
 # -- command line ------------------------------------------------------------------------------------------
@@ -444,32 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true", help="a small, fast run (CPU: < 1 min on an idle machine)")
     add("--json", default=None, help="write all settings, results and raw timings here")
     add("--markdown", default=None, help="write the tables as markdown here")
-    add("--seed", type=int, default=0)
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[Spec, list[RowConfig]]:
-    """Fill in the 'auto' defaults and check every value (UserError if bad): the Spec and its rows."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible")
-    device = torch.device("cuda" if cuda else "cpu")
+def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[RowConfig]]:
+    """Fill in the 'auto' defaults and check every value (UserError if bad): the settings and the rows."""
+    device = resolve_device("cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device)
+    cuda, auto_batch = device.type == "cuda", args.batch_size is None
     for key, choices in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, choices[2 if args.quick else 0 if cuda else 1])
     big = args.model.split("/")[0] in ("DiT-L", "DiT-XL")
-    if cuda and big and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30:
-        args.batch_size = min(args.batch_size, 32)  # the ref-2023 row keeps [B, H, T, T] attention maps
-    settings = vars(args) | {"device": str(device), "interleave": not cuda}
-    spec = Spec(**{f.name: settings[f.name] for f in fields(Spec)})
-    if spec.input_size % MODELS[spec.model][3]:
-        raise UserError(f"--input-size {spec.input_size} is not divisible by {spec.model}'s patch size")
+    if auto_batch and cuda and big and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30:
+        args.batch_size = 32  # the ref-2023 row keeps its [B, H, T, T] attention maps
+    args.device, args.interleave = str(device), not cuda  # CPU: rows timed repeat by repeat (ABBA)
+    if args.input_size % MODELS[args.model][3]:
+        raise UserError(f"--input-size {args.input_size} is not divisible by {args.model}'s patch size")
     for path in (args.json, args.markdown):
         if path and not Path(path).resolve().parent.is_dir():
             raise UserError(f"{path}: the directory does not exist")
     if args.configs is None:
-        return spec, [reference_row(device), parse_config("minidit", device)]
-    return spec, parse_configs(args.configs, device)
+        return args, [reference_row(device), parse_config("minidit", device)]
+    return args, parse_configs(args.configs, device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """minidit.bench: it times the trainer's own step; the reference baseline; timing, noise, outputs and the CLI."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from minidit import bench, train
-from minidit.bench import Spec
 from minidit.errors import run_cli
 
 CPU = torch.device("cpu")
@@ -30,13 +30,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_spec(**kw) -> Spec:
-    base = dict(model="DiT-Ti/8", input_size=16, in_channels=4, num_classes=10, batch_size=2, device="cpu",
-                warmup=1, iters=1, repeats=3, interleave=True)  # fmt: skip
-    return Spec(**{**base, **kw})
+def tiny_spec(**kw) -> argparse.Namespace:
+    """The settings of ``TINY`` (as ``bench.resolve`` fills them in), with ``kw`` changed."""
+    spec, _ = bench.resolve(bench.build_parser().parse_args(TINY))
+    return argparse.Namespace(**{**vars(spec), **kw})
 
 
-def quiet_run(spec: Spec, rows) -> dict:
+def quiet_run(spec: argparse.Namespace, rows) -> dict:
     return bench.run_benchmark(spec, rows, log=lambda s: None)
 
 
@@ -241,7 +241,7 @@ NOISY = [0.175, 0.180, 5.716, 3.000, 0.190]  # the loaded machine of issue 9: IQ
 
 def synthetic_run(ref_s: list[float], row_s: list[float], load: float) -> dict:
     """A finished run's result with the given timings (nothing is timed): ref and one minidit row."""
-    result = {"settings": asdict(tiny_spec()), "model": {"tokens": 4, "forward_gmacs_per_image": 0.01},
+    result = {"settings": vars(tiny_spec()), "model": {"tokens": 4, "forward_gmacs_per_image": 0.01},
               "command": "", "device": "cpu", "torch": "", "date": "", "notes": [], "wall_s": 1.0,
               "load_average_start": [load] * 3, "training": []}  # fmt: skip
     for row, samples in ((bench.reference_row(CPU), ref_s), (bench.parse_config("minidit", CPU), row_s)):
@@ -376,8 +376,9 @@ def test_bench_needs_no_optional_packages():
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from minidit import bench\n"
-        "bench.run_benchmark(bench.Spec('DiT-Ti/8', 16, 4, 10, 1, 'cpu', 1, 1, 1, True),\n"
-        "                    [bench.reference_row(bench.torch.device('cpu'))], log=lambda s: None)\n"
+        "spec, rows = bench.resolve(bench.build_parser().parse_args(['--quick', '--device', 'cpu', '--model',\n"
+        "    'DiT-Ti/8', '--batch-size', '1', '--iters', '1', '--repeats', '1', '--configs', 'ref']))\n"
+        "bench.run_benchmark(spec, rows, log=lambda s: None)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
