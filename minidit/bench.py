@@ -391,8 +391,8 @@ DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/4", "DiT-Ti/4"), "input_size": (32, 32,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m minidit.bench", description=__doc__.splitlines()[0],
-                       epilog="auto: CUDA, CPU and --quick defaults, in that order")  # fmt: skip
+    p = ArgumentParser(prog="python -m minidit.bench", description=__doc__, epilog="auto: the CUDA, CPU and --quick "
+                       "defaults, in that order", formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add, pint = p.add_argument, positive_int
     add("--configs", default=None, help="rows, e.g. 'ref,bf16,bf16+compile,ref-2023' (default: ref,minidit)")
     add("--model", choices=MODELS, metavar="NAME", default=None, help="auto: DiT-XL/2, DiT-S/4, DiT-Ti/4")
