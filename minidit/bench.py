@@ -21,7 +21,6 @@ import argparse
 import copy
 import datetime as dt
 import gc
-import importlib.util
 import os
 import platform
 import re
@@ -124,9 +123,13 @@ def skip_reason(row: RowConfig, device: torch.device, quick: bool) -> str | None
         return "torch.compile takes minutes on a CPU: not in --quick" if row.compile and quick else None
     if row.precision == "bf16" and not torch.cuda.is_bf16_supported():
         return f"{torch.cuda.get_device_name(device)} has no bf16"
-    if flash and importlib.util.find_spec("flash_attn") is None:  # (finds the package without importing it)
-        return "the flash-attn package is not installed"
-    return "flash_attn needs bf16 or fp16" if flash and row.precision == "fp32" else None
+    if not flash or row.precision == "fp32":
+        return "flash_attn needs bf16 or fp16" if flash else None
+    try:  # the optional package, imported for a flash row only (a broken build would silently fall back to sdpa)
+        from flash_attn import flash_attn_func  # noqa: F401
+    except Exception:
+        return "the flash-attn package is not installed or does not import"
+    return None
 
 
 # -- the step of one row: the trainer's train_step ---------------------------------------------------------

@@ -199,6 +199,14 @@ def test_gpu_features_are_skipped_on_cpu_with_a_note():
     assert bench.skip_reason(bench.parse_config("sdpa+ckpt", CPU), CPU, quick=True) is None
 
 
+def test_flash_rows_need_half_precision_and_the_package(monkeypatch):
+    cuda = torch.device("cuda")  # only named: nothing runs on it
+    assert "bf16 or fp16" in bench.skip_reason(bench.parse_config("flash", cuda), cuda, quick=False)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` fails, as where it is not installed
+    assert "not installed" in bench.skip_reason(bench.parse_config("fp16+flash", cuda), cuda, quick=False)
+    assert bench.skip_reason(bench.parse_config("fp16", cuda), cuda, quick=False) is None
+
+
 # -- whole runs ------------------------------------------------------------------------------------------
 
 
