@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import http.client
 import json
@@ -26,8 +25,6 @@ import os
 import pickle
 import pickletools
 import re
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -39,6 +36,7 @@ import torch
 
 from .config import CHOICES
 from .errors import UserError
+from .fileio import atomic_write, read_json, write_json
 from .model import MODELS, DiT, create_model
 
 
@@ -51,7 +49,7 @@ class CheckpointWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------
-# Safe reading and atomic writing
+# Safe reading, and saving (atomic: minidit.fileio)
 # --------------------------------------------------------------------------
 
 
@@ -132,49 +130,6 @@ def _pickle_global(path: Path) -> str | None:
     except Exception:  # not a complete pickle: truncated or not a pickle at all
         return None
     return found
-
-
-def atomic_write(path: str | os.PathLike, write_fn) -> None:
-    """Write ``path`` atomically: ``write_fn(tmp_path)`` writes a temporary file in the same
-    directory, which is fsynced and then renamed over ``path``. A crash at any moment leaves
-    either the old file or the new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException as e:
-        # torch.save and safetensors write from C++: a full disk reaches us as a RuntimeError
-        # ("unexpected pos ..."), not as OSError(ENOSPC). Tell it apart while the partial file still
-        # fills the disk.
-        full = isinstance(e, Exception) and not isinstance(e, OSError) and _nearly_full(path.parent)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if full:
-            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {e})") from e
-        raise
-
-
-def _nearly_full(directory: Path, margin: int = 1 << 20) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < margin
-    except OSError:
-        return False
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
@@ -345,18 +300,8 @@ def export_diffusers(model: DiT, out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = diffusers_config(model)
     save_checkpoint(to_diffusers(model.state_dict()), out_dir / "diffusion_pytorch_model.safetensors")
-    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_json(out_dir / "config.json", config)
     return out_dir
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def _read_diffusers_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -366,13 +311,13 @@ def _read_diffusers_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise CheckpointError(
             f"{path}: neither a minidit run directory (checkpoints/last.pt) nor a diffusers directory (config.json)"
         )
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json", CheckpointError)
     single = path / "diffusion_pytorch_model.safetensors"
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if single.is_file():
         return read_file(single), config
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' in it")
         sd: dict[str, torch.Tensor] = {}
@@ -450,7 +395,7 @@ def read_checkpoint(
     if path.suffix == ".safetensors":  # e.g. `python -m minidit.toy export-dit`: the run's config in the metadata
         train_config, names = _safetensors_config(path)
     if not isinstance(train_config, dict) and run_dir is not None and (run_dir / "config.json").is_file():
-        train_config = _read_json(run_dir / "config.json").get("config")
+        train_config = read_json(run_dir / "config.json", CheckpointError).get("config")
     if isinstance(train_config, dict):  # a minidit run: its config says what the shapes cannot
         meta.update(dit=dit_arguments(train_config, str(path)), train_config=train_config, run_dir=run_dir)
         if isinstance(names, list) and names and all(isinstance(n, str) for n in names):

@@ -53,13 +53,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write
 from .data import LATENTS_FORMAT, LATENTS_VERSION, POSTERIORS, ImageFolderDataset, shard_layout, shard_name
 from .errors import UserError, run_cli
+from .fileio import atomic_write, read_json, write_json
+from .runtime import resolve_device, shard_generator
 from .vae import SCALE, downsample_factor, load_vae, posterior_moments, resolve_vae, sample_posterior
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -117,30 +117,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA if available, else MPS, else CPU; otherwise the named device, which must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return device
-
-
-def shard_generator(seed: int, shard: int) -> torch.Generator:
-    """The CPU generator for shard ``shard``'s posterior noise, seeded from (seed, shard) via a hash,
-    so neighbouring seeds and shards get unrelated streams."""
-    mixed = np.random.SeedSequence([seed, shard]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
-
-
 def settings_digest(settings: dict[str, Any]) -> str:
     """A short fingerprint of the settings, stored in every shard so foreign shards are never reused."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -159,11 +135,8 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
         if any(out.glob("shard_*.safetensors")):
             raise UserError(f"{out}: holds shard files but no meta.json; use another --out, or delete it to start over")
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); delete {out} to start over") from None
-    if not isinstance(meta, dict) or meta.get("format") != LATENTS_FORMAT:
+    meta = read_json(path, hint=f"delete {out} to start over")
+    if meta.get("format") != LATENTS_FORMAT:
         raise UserError(f"{path}: not a minidit latents meta.json; use another --out")
     return meta
 
@@ -176,11 +149,6 @@ def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any], keys) -> No
             f"{out}: holds an extraction with different settings ({details}); "
             "use another --out, or delete it to start over"
         )
-
-
-def _write_meta(out: Path, meta: dict[str, Any]) -> None:
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def _shard_range(shard: int, shard_size: int, num_images: int) -> tuple[int, int]:
@@ -294,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         full = {**settings, "latent_shape": old["latent_shape"]}
         if not pending_shards(full):
             if not old.get("complete"):
-                _write_meta(out, {**old, "complete": True, "substituted": _substituted(out, num_shards, dataset)})
+                old.update(complete=True, substituted=_substituted(out, num_shards, dataset))
+                write_json(out / "meta.json", old)
             print(f"{out}: already complete ({n} latents in {num_shards} shards); nothing to do")
             return 0
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     vae = load_vae(args.vae, device=device)
     factor = downsample_factor(vae)
     if args.image_size % factor:
@@ -309,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_same(out, old, full, ("latent_shape",))
     todo = pending_shards(full)
     meta = {**full, "num_shards": num_shards, "data_path": str(Path(args.data_path).resolve()), "complete": False}
-    _write_meta(out, meta)  # first: an interrupted extraction says so
+    write_json(out / "meta.json", meta)  # first: an interrupted extraction says so
 
     batches = [  # batches never straddle two shards
         list(range(a, min(a + args.batch_size, ranges[s][1]))) for s in todo for a in range(*ranges[s], args.batch_size)
@@ -361,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{out}: shards {missing[:5]} were not written; rerun to finish")
     substituted = _substituted(out, num_shards, dataset)
     meta.update(complete=True, substituted=substituted)
-    _write_meta(out, meta)
+    write_json(out / "meta.json", meta)
     note = f"; {len(substituted)} unreadable images were replaced (listed in meta.json)" if substituted else ""
     print(f"wrote {n} latents in {num_shards} shards ({len(todo)} encoded now) to {out}/ with meta.json{note}")
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .fileio import read_json
 
 try:
     import fcntl
@@ -110,13 +111,10 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        summary = json.loads(path.read_text())
-        if isinstance(summary, dict):
-            return summary
-    except (OSError, ValueError):
-        pass
-    warnings.warn(f"{path}: unreadable; it is written again", RunWarning, stacklevel=2)
-    return {}
+        return read_json(path)
+    except UserError:
+        warnings.warn(f"{path}: unreadable; it is written again", RunWarning, stacklevel=2)
+        return {}
 
 
 def check_resumable(ckpt: dict[str, Any], path: Path, version: int) -> None:

@@ -36,21 +36,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, model_from_state_dict, read_checkpoint
+from .checkpoint import model_from_state_dict, read_checkpoint
 from .diffusion import create_diffusion
 from .errors import ArgumentParser, UserError, positive_int, run_cli
+from .fileio import atomic_write, save_npz, write_json
 from .model import DiT
+from .runtime import cpu_threads, dist_from_env, init_distributed, resolve_device, sample_generator
 
 #: The reference sampler's example classes (ImageNet ids).
 DEFAULT_IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of sample ``index``'s noise: seeded with a hash of (seed, index) (numpy's
-    ``SeedSequence``), so that no two samples share noise, whatever batch or process draws them."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device).manual_seed(int(state))
 
 
 def check_guidance(model: DiT, cfg_scale: float) -> None:
@@ -187,25 +182,6 @@ def parse_classes(spec: str, names: list[str]) -> list[int]:
     return ids
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``--device``: auto (CUDA if there is one), cpu, cuda, cuda:N or mps; one line if it is not here."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available here (use --device cpu)")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available here (use --device cpu)")
-    return device
-
-
 # --------------------------------------------------------------------------
 # Many samples: shards on disk, merged into one .npz
 # --------------------------------------------------------------------------
@@ -218,12 +194,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         v = v.detach().double()
         h.update(f"{k}{tuple(v.shape)}{v.sum().item():.17g}{v.abs().sum().item():.17g}".encode())
     return h.hexdigest()[:16]
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    """``np.savez`` to exactly ``path`` (no ``.npz`` appended); for ``atomic_write``."""
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def shard_dir(npz: str | os.PathLike) -> Path:
@@ -262,7 +232,7 @@ def write_shards(model: DiT, labels: torch.Tensor, npz: str, settings: dict, gen
     if distributed:
         dist.barrier()  # every process has checked the settings before they are written
     if rank == 0:
-        atomic_write(shards / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+        write_json(shards / "settings.json", settings, indent=1)
     n = len(labels)
     todo = [s for s in range(0, n, batch_size) if not (shards / f"{s:08d}.npz").is_file()]
     if distributed:
@@ -273,7 +243,7 @@ def write_shards(model: DiT, labels: torch.Tensor, npz: str, settings: dict, gen
     for start in tqdm(todo[rank::world], desc="sampling", unit="batch", disable=rank != 0, dynamic_ncols=True):
         idx = torch.arange(start, min(start + batch_size, n))
         pixels = to_uint8(generate(model, labels[idx], indices=idx, batch_size=len(idx), **gen).cpu()).numpy()
-        atomic_write(shards / f"{start:08d}.npz", partial(save_npz, images=pixels, labels=labels[idx].numpy()))
+        save_npz(shards / f"{start:08d}.npz", images=pixels, labels=labels[idx].numpy())
     if distributed:
         dist.barrier()
 
@@ -342,7 +312,7 @@ def build_parser() -> ArgumentParser:
         "--npz", help="uint8 samples and labels, the ADM evaluator's format (default for a run with --num-samples: "
         "<run dir>/samples/<N>_<settings>.npz)"
     )  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA if any)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, MPS or CPU)")
     return p
 
 
@@ -370,14 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seed {args.seed}: must be >= 0")
     if args.num_samples and args.out:
         raise UserError("--out is the class grid, which --num-samples does not make: use --npz (and --out-dir)")
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    proc = dist_from_env()
+    device = resolve_device(args.device, proc.local_rank)
     model, info = load_for_sampling(args.ckpt, args.image_size)
     default_outputs(args, info["run_dir"])
     if device.type == "cpu":  # as the trainer: threads that cannot oversubscribe the cores (1 on a busy machine)
-        from .train import cpu_threads
-
-        torch.set_num_threads(cpu_threads(0, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))[0])
+        torch.set_num_threads(cpu_threads(0, proc.local_world_size)[0])
     trained = info["train_config"]  # a minidit run knows its schedule; released weights use the default
     schedule, steps = trained.get("noise_schedule", "linear"), trained.get("diffusion_steps", 1000)
     check_steps(args.num_steps, steps)
@@ -410,20 +378,19 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         import torch.distributed as dist
 
-        if world > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_distributed(device)  # under torchrun: the process group the shards are dealt over
         try:
             write_shards(model, labels, args.npz, settings, gen, args.batch_size)
-            if rank == 0:
+            if proc.is_main:
                 shape = merge_shards(args.npz, args.num_samples, args.batch_size, args.out_dir)
                 pngs = f", {args.out_dir}/ ({shape[0]} PNGs)" if args.out_dir else ""
                 print(f"wrote {args.npz} ({shape[0]} images {shape[1]}x{shape[2]}, uint8){pngs}")
         finally:
-            if world > 1:
+            if proc.world_size > 1:
                 dist.destroy_process_group()
         return 0
 
-    if rank != 0:  # a grid is small: one process draws it
+    if not proc.is_main:  # a grid is small: one process draws it
         return 0
     if args.classes:
         classes = parse_classes(args.classes, names)
@@ -438,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     save_class_grid(images, [names[c] for c in classes], args.per_class, args.out, title=title)
     written = [args.out]
     if args.npz:
-        atomic_write(args.npz, partial(save_npz, arr_0=pixels, labels=labels.numpy()))
+        save_npz(args.npz, arr_0=pixels, labels=labels.numpy())
         written.append(f"{args.npz} ({pixels.shape[0]} images {pixels.shape[1]}x{pixels.shape[2]}, uint8)")
     if args.out_dir:
         from PIL import Image

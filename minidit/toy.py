@@ -497,7 +497,8 @@ def export_dit(run_dir: str | os.PathLike, out: str | os.PathLike = DEFAULT_DIT)
 
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write, read_checkpoint, read_file
+    from .checkpoint import read_checkpoint, read_file
+    from .fileio import atomic_write
 
     sd, meta = read_checkpoint(run_dir)
     if meta["train_config"] is None or meta["run_dir"] is None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import errno
 import json
-import os
 import sys
 import time
 import warnings
@@ -38,55 +37,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import config as C
-from . import rundir
-from .checkpoint import CheckpointError, atomic_write, describe_mismatch, read_file, save_checkpoint
+from . import config, rundir
+from .checkpoint import CheckpointError, describe_mismatch, read_file, save_checkpoint
 from .data import latent_x0
 from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import DataError, UserError, run_cli
+from .fileio import read_json, write_json, write_text
 from .model import DiT, create_model
+from .runtime import Dist, autocast_dtype, cpu_threads, dist_from_env, init_distributed, resolve_device, step_generator
 
 CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------
-# Processes and devices
+# Mixed precision (device, processes, threads: minidit.runtime)
 # --------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """Who this process is: global rank, rank on its node, and the number of processes."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup(cfg: C.TrainConfig) -> tuple[Dist, torch.device]:
-    """Start torch.distributed under torchrun and pick this process's device.
-
-    The device index is the *local* rank (the reference used the global rank, which
-    breaks on a second node)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible")
-    if want == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps, but this machine has no Apple GPU (MPS); use --device cpu")
-    device = torch.device(f"cuda:{d.local_rank}") if want == "cuda" else torch.device(want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return d, device
 
 
 def fp32_output(model, device_type: str, dtype: torch.dtype | None):
@@ -103,73 +68,32 @@ def fp32_output(model, device_type: str, dtype: torch.dtype | None):
     return forward
 
 
-def available_cpus() -> int:
-    """The CPU cores this process may run on: its affinity mask (a container's or ``taskset``'s limit),
-    which can be far fewer than the machine's ``os.cpu_count()``."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def cpu_threads(num_workers: int, local_processes: int) -> tuple[int, str | None]:
-    """Intra-op threads for a process training on the CPU, and a warning line for a busy machine (or None).
-
-    The available cores are shared by this node's training processes and their DataLoader workers:
-    ``(cores - workers) // processes``, at least 1 (torch's default, one thread per core of the machine,
-    oversubscribes the cores whenever something else runs). If the 1-minute load average already fills
-    the cores, threads that wait for each other at every operation crawl (48 instead of 900 images/s
-    measured): train with one thread and say so. ``OMP_NUM_THREADS``, when set, is the user's choice."""
-    cores = available_cpus()
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads(), None
-    threads = max(1, (cores - num_workers) // max(1, local_processes))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load < cores or threads == 1:
-        return threads, None
-    return 1, (
-        f"the machine is busy (load average {load:.1f} on {cores} cores): training with 1 thread instead of "
-        f"{threads}, so it does not fight the other processes; it is slower than on an idle machine. "
-        "Set OMP_NUM_THREADS=N to choose"
-    )
-
-
-def autocast_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
-    """None for fp32; bf16 where the GPU has it; fp16 (with a GradScaler) on older GPUs."""
-    p = cfg.precision
-    if p == "auto":
-        if device.type != "cuda":
-            return None
-        p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
-
-
 # --------------------------------------------------------------------------
 # Data: every image has a fixed position in the global batch of its step
 # --------------------------------------------------------------------------
 
 
-def batch_positions(a: int, micro: int, d: Dist) -> torch.Tensor:
+def batch_positions(a: int, micro: int, proc: Dist) -> torch.Tensor:
     """Positions in the global batch of this process's images at micro-step ``a``: [micro].
 
     Process r holds positions (a * micro + i) * W + r: interleaved, as DistributedSampler
     interleaves the epoch's permutation, so 1 x 2b and 2 x b see the same images."""
-    return (a * micro + torch.arange(micro)) * d.world_size + d.rank
+    return (a * micro + torch.arange(micro)) * proc.world_size + proc.rank
 
 
 class ToyBatches:
     """Toy shapes rendered on the fly: image number step * G + position, nothing stored."""
 
-    def __init__(self, cfg: C.TrainConfig, d: Dist, micro: int, accum: int, start_step: int):
+    def __init__(self, cfg: config.TrainConfig, proc: Dist, micro: int, accum: int, start_step: int):
         from . import toy
 
-        self.toy, self.cfg, self.d, self.micro, self.accum, self.step = toy, cfg, d, micro, accum, start_step
+        self.toy, self.cfg, self.proc, self.micro, self.accum, self.step = toy, cfg, proc, micro, accum, start_step
 
     def __iter__(self):
         G = self.cfg.global_batch_size
         while True:
             for a in range(self.accum):
-                idx = self.step * G + batch_positions(a, self.micro, self.d)
+                idx = self.step * G + batch_positions(a, self.micro, self.proc)
                 yield self.toy.make_batch(idx, seed=self.cfg.seed, image_size=self.cfg.image_size)
             self.step += 1
 
@@ -179,18 +103,19 @@ class RankBatches(torch.utils.data.Sampler):
     epochs (shuffled with ``seed``, drop_last), cut into micro-batches, starting at
     ``start`` samples into this process's stream (that is how a resumed run skips ahead)."""
 
-    def __init__(self, dataset, d: Dist, micro: int, seed: int, start: int):
-        self.dataset, self.d, self.micro, self.seed, self.start = dataset, d, micro, seed, start
+    def __init__(self, dataset, proc: Dist, micro: int, seed: int, start: int):
+        self.dataset, self.proc, self.micro, self.seed, self.start = dataset, proc, micro, seed, start
 
     def __iter__(self):
         from torch.utils.data.distributed import DistributedSampler
 
+        W, rank = self.proc.world_size, self.proc.rank
         sampler = DistributedSampler(
-            self.dataset, num_replicas=self.d.world_size, rank=self.d.rank, shuffle=True, seed=self.seed, drop_last=True
+            self.dataset, num_replicas=W, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
         per_epoch = len(sampler)
         if per_epoch == 0:
-            raise DataError(f"the dataset has {len(self.dataset)} images: too few for {self.d.world_size} processes")
+            raise DataError(f"the dataset has {len(self.dataset)} images: too few for {W} processes")
         epoch, offset = divmod(self.start, per_epoch)
         batch: list[int] = []
         while True:
@@ -203,7 +128,7 @@ class RankBatches(torch.utils.data.Sampler):
             epoch, offset = epoch + 1, 0
 
 
-def load_dataset(cfg: C.TrainConfig):
+def load_dataset(cfg: config.TrainConfig):
     """The real dataset for ``--data cifar10 | folder | latents`` (see minidit.data)."""
     from . import data
 
@@ -223,7 +148,7 @@ class DataSpec:
     moments: bool = False  # latents stored as posterior moments: a fresh sample per image and step
 
 
-def describe_data(cfg: C.TrainConfig, dataset) -> DataSpec:
+def describe_data(cfg: config.TrainConfig, dataset) -> DataSpec:
     if cfg.data == "toy":
         from . import toy
 
@@ -235,7 +160,7 @@ def describe_data(cfg: C.TrainConfig, dataset) -> DataSpec:
         )  # fmt: skip
         if spec.latent:
             dataset.check_sampling(cfg.latent_sampling)
-        expected = cfg.image_size // (C.VAE_FACTOR if spec.latent else 1)
+        expected = cfg.image_size // (config.VAE_FACTOR if spec.latent else 1)
         if spec.input_size != expected:
             raise DataError(
                 f"{cfg.data_path}: holds {spec.input_size}x{spec.input_size} inputs, "
@@ -261,7 +186,7 @@ def count_line(targets, class_names: list[str], shown: int = 12) -> str:
 # --------------------------------------------------------------------------
 
 
-def build_model(cfg: C.TrainConfig, spec: DataSpec) -> DiT:
+def build_model(cfg: config.TrainConfig, spec: DataSpec) -> DiT:
     return create_model(
         cfg.model,
         input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes,
@@ -297,8 +222,8 @@ def update_ema(ema: DiT, model: DiT, decay: float) -> None:
 
 
 def train_step(
-    model: nn.Module,
-    raw: DiT,
+    net: nn.Module,
+    model: DiT,
     ema: DiT,
     opt: torch.optim.Optimizer,
     diffusion: GaussianDiffusion,
@@ -315,35 +240,35 @@ def train_step(
     """One optimizer step: what ``python -m minidit.train`` runs, and what ``minidit.bench`` times.
 
     ``micro_batches`` yields ``accum`` tuples (x0 [b, C, I, I], y [b], t [b], noise [b, C, I, I],
-    drop [b]) on the device; ``model`` is the module to call (``raw`` itself, or ``raw`` wrapped by DDP or
+    drop [b]) on the device; ``net`` is the module to call (``model`` itself, or ``model`` wrapped by DDP or
     ``torch.compile``). The forward runs under autocast in ``amp_dtype`` (None: fp32), the hybrid loss
     L_simple + L_vlb (section 3.1) in fp32 outside it; gradients are averaged over the micro-batches
     (DDP all-reduces at the last one only), optionally clipped, then AdamW at ``lr`` and the EMA.
     Returns the [3] sums of (loss, mse, vb) over the images, on the device: no host sync.
     """
-    device = next(raw.parameters()).device
-    net = fp32_output(model, device.type, amp_dtype)
+    device = next(model.parameters()).device
+    forward = fp32_output(net, device.type, amp_dtype)
     sums = torch.zeros(3, device=device)
     for group in opt.param_groups:
         group["lr"] = lr
     for a, (x, y, t, noise, drop) in enumerate(micro_batches):
-        ctx = model.no_sync() if a < accum - 1 and hasattr(model, "no_sync") else nullcontext()
+        ctx = net.no_sync() if a < accum - 1 and hasattr(net, "no_sync") else nullcontext()
         with ctx:
-            losses = diffusion.training_losses(net, x, t, model_kwargs=dict(y=y, force_drop_ids=drop), noise=noise)
+            losses = diffusion.training_losses(forward, x, t, model_kwargs=dict(y=y, force_drop_ids=drop), noise=noise)
             loss = losses["loss"].mean() / accum
             (scaler.scale(loss) if scaler else loss).backward()
         sums += torch.stack([losses[k].detach().float().sum() for k in ("loss", "mse", "vb")])
     if scaler is not None:
         scaler.unscale_(opt)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    (ema_update or update_ema)(ema, raw, ema_decay)  # default: minidit's fused lerp
+    (ema_update or update_ema)(ema, model, ema_decay)  # default: minidit's fused lerp
     return sums
 
 
@@ -361,19 +286,20 @@ class NonFiniteLoss(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: C.TrainConfig, preset: str):
+    def __init__(self, cfg: config.TrainConfig, preset: str):
         self.cfg, self.preset = cfg, preset
-        self.d, self.device = setup(cfg)
+        self.device = resolve_device(cfg.device, dist_from_env().local_rank)
+        self.proc = init_distributed(self.device)
         self.run_dir = Path(cfg.run_dir or f"runs/{preset}")
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
-        self.micro, self.accum = C.batch_layout(cfg, self.d.world_size)
-        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.micro, self.accum = config.batch_layout(cfg, self.proc.world_size)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.lock: int | None = None
         self.saved_threads = torch.get_num_threads()
         if self.device.type == "cpu":
-            threads, busy = cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            threads, busy = cpu_threads(cfg.num_workers, self.proc.local_world_size)
             torch.set_num_threads(threads)
-            if busy and self.d.is_main:
+            if busy and self.proc.is_main:
                 warnings.warn(busy, rundir.RunWarning, stacklevel=2)
         if self.device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -382,18 +308,18 @@ class Trainer:
     # -- bookkeeping -----------------------------------------------------------------
 
     def log(self, message: str) -> None:
-        if self.d.is_main:
+        if self.proc.is_main:
             print(message, flush=True)
 
     def take_run_dir(self) -> None:
         """Rank 0 locks the run directory before anything in it is read or cleaned (a second trainer on it
         is refused, naming the pid) and checks that it can write there; the other ranks do not write, and
         wait until the lock is held (if rank 0 is refused, torchrun stops them)."""
-        if self.d.is_main:
+        if self.proc.is_main:
             self.lock = rundir.lock(self.run_dir)
             for sub in ("checkpoints", "samples"):
                 rundir.make_writable_dir(self.run_dir / sub)
-        if self.d.world_size > 1:
+        if self.proc.world_size > 1:
             dist.barrier()
 
     def close(self) -> None:
@@ -404,7 +330,7 @@ class Trainer:
 
     def check_same_run(self, saved: dict[str, Any], source: Path) -> None:
         """Refuse a run directory whose saved config (from config.json or the checkpoint) differs."""
-        diff = C.differences(C.to_dict(C.config_from_dict(saved, str(source))), self.cfg)
+        diff = config.differences(config.to_dict(config.config_from_dict(saved, str(source))), self.cfg)
         if diff:
             raise UserError(
                 f"{self.run_dir} belongs to a different config ({'; '.join(diff[:3])}); "
@@ -416,10 +342,7 @@ class Trainer:
         the config in config.json and the checkpoint's own (which decides when config.json is lost)."""
         saved_cfg = self.run_dir / "config.json"
         if saved_cfg.is_file():
-            try:
-                saved = json.loads(saved_cfg.read_text())["config"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{saved_cfg}: unreadable; move the run directory aside or pass --run-dir") from None
+            saved = read_json(saved_cfg, hint="move the run directory aside or pass --run-dir").get("config")
             self.check_same_run(saved, saved_cfg)
         if not self.ckpt_path.is_file():
             return None
@@ -434,7 +357,7 @@ class Trainer:
     def nonfinite_weights(self) -> list[str]:
         """Which of the model, EMA and optimizer state hold a NaN/inf (the same on every process)."""
         opt_state = [v for state in self.opt.state.values() for v in state.values() if torch.is_tensor(v)]
-        parts = {"model": [*self.raw.state_dict().values()], "EMA": [*self.ema.state_dict().values()],
+        parts = {"model": [*self.model.state_dict().values()], "EMA": [*self.ema.state_dict().values()],
                  "optimizer state": opt_state}  # fmt: skip
         return rundir.nonfinite_parts(parts)
 
@@ -444,16 +367,16 @@ class Trainer:
         broken = self.nonfinite_weights()
         if broken:
             raise NonFiniteLoss(step, f"the weights ({', '.join(broken)})")
-        if self.d.is_main:
+        if self.proc.is_main:
             state = {
                 "version": CHECKPOINT_VERSION,
-                "model": self.raw.state_dict(),
+                "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "step": step,
                 "data_position": {"images_seen": step * self.cfg.global_batch_size},
-                "config": C.to_dict(self.cfg),
+                "config": config.to_dict(self.cfg),
                 "preset": self.preset,
                 "class_names": self.spec.class_names,
                 "rng": {
@@ -469,7 +392,7 @@ class Trainer:
                 kept = "the previous checkpoint is intact" if self.ckpt_path.is_file() else "no checkpoint was written"
                 why = "no space left on device" if e.errno == errno.ENOSPC else e.strerror or str(e)
                 raise UserError(f"could not save a checkpoint to {self.ckpt_path.parent} ({why}); {kept}") from None
-        if self.d.world_size > 1:
+        if self.proc.world_size > 1:
             dist.barrier()
 
     # -- setup -----------------------------------------------------------------------
@@ -480,7 +403,7 @@ class Trainer:
         resume = self.check_run_dir()
         self.dataset = None if cfg.data == "toy" else load_dataset(cfg)
         self.spec = describe_data(cfg, self.dataset)
-        self.grid_rows = C.sample_classes(cfg, self.spec.num_classes)
+        self.grid_rows = config.sample_classes(cfg, self.spec.num_classes)
         if self.dataset is not None:
             self.log(f"data: {count_line(self.dataset.targets, self.spec.class_names)}")
         if not self.guided:
@@ -490,16 +413,16 @@ class Trainer:
             self.log(f"latents: {self.dataset.describe(flips=cfg.hflip)}")
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        self.raw = build_model(cfg, self.spec).to(self.device)
-        self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
-        params = [p for p in self.raw.parameters() if p.requires_grad]
+        self.model = build_model(cfg, self.spec).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, device=self.device)
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
 
         start = 0
         if resume is not None:
-            for name, module in (("model", self.raw), ("ema", self.ema)):
+            for name, module in (("model", self.model), ("ema", self.ema)):
                 problem = describe_mismatch(module, resume[name])
                 if problem:
                     raise UserError(f"{self.ckpt_path}: {name} does not fit {cfg.model}: {problem}")
@@ -512,29 +435,29 @@ class Trainer:
                 torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
             start = int(resume["step"])
         # per-process seed for anything not keyed by the step (e.g. DataLoader workers)
-        torch.manual_seed(cfg.seed * self.d.world_size + self.d.rank)
+        torch.manual_seed(cfg.seed * self.proc.world_size + self.proc.rank)
 
-        model = self.raw
-        if self.d.world_size > 1:
+        net = self.model  # what the step calls: the DiT, wrapped by DDP and torch.compile when asked
+        if self.proc.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.model = torch.compile(model) if cfg.compile else model
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = torch.compile(net) if cfg.compile else net
         self.diffusion = create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
 
-        if self.d.is_main:
+        if self.proc.is_main:
             for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a kill during a write
                 stale.unlink()
-            meta = {"config": C.to_dict(cfg), "preset": self.preset, "command": " ".join(sys.argv)}
-            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+            meta = {"config": config.to_dict(cfg), "preset": self.preset, "command": " ".join(sys.argv)}
+            write_json(self.run_dir / "config.json", meta)
             self.trim_log(start)
         return start
 
     def batches(self, start: int):
         """Yields (x, y) micro-batches for this process, from step ``start`` on."""
         if self.dataset is None:
-            return iter(ToyBatches(self.cfg, self.d, self.micro, self.accum, start))
-        sampler = RankBatches(self.dataset, self.d, self.micro, self.cfg.seed, start * self.accum * self.micro)
+            return iter(ToyBatches(self.cfg, self.proc, self.micro, self.accum, start))
+        sampler = RankBatches(self.dataset, self.proc, self.micro, self.cfg.seed, start * self.accum * self.micro)
         workers = self.cfg.num_workers
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -547,7 +470,7 @@ class Trainer:
     def step_noise(self, step: int):
         """Timesteps, noise, label drops and flips for the whole global batch of ``step``."""
         G, s = self.cfg.global_batch_size, self.spec
-        g = torch.Generator(self.device).manual_seed(self.cfg.seed * 1_000_003 + step)
+        g = step_generator(self.cfg.seed, step, self.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (G,), generator=g, device=self.device)
         noise = torch.randn((G, s.in_channels, s.input_size, s.input_size), generator=g, device=self.device)
         drop = torch.rand(G, generator=g, device=self.device) < self.cfg.class_dropout_prob
@@ -571,7 +494,7 @@ class Trainer:
                 x, y = next(batches)
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
-                pos = batch_positions(a, self.micro, self.d).to(self.device)
+                pos = batch_positions(a, self.micro, self.proc).to(self.device)
                 if self.spec.flip_mode == "pixels":
                     x = torch.where(flip[pos].view(-1, 1, 1, 1), x.flip(-1), x)
                 elif self.spec.latent:  # stored flips, posterior samples: z = (mean + std * eps_z) * 0.18215
@@ -579,7 +502,7 @@ class Trainer:
                 yield x, y, t[pos], noise[pos], drop[pos]
 
         return train_step(
-            self.model, self.raw, self.ema, self.opt, self.diffusion, micro_batches(), accum=self.accum,
+            self.net, self.model, self.ema, self.opt, self.diffusion, micro_batches(), accum=self.accum,
             lr=self.lr_at(step), ema_decay=self.cfg.ema_decay, amp_dtype=self.amp_dtype, scaler=self.scaler,
             grad_clip=self.cfg.grad_clip,
         )  # fmt: skip
@@ -592,18 +515,18 @@ class Trainer:
             self.log("Pass --max-steps N to train further, or --run-dir NEW_DIR for a new run.")
             self.finish(start, trained=False)
             return 0
-        n_params = sum(p.numel() for p in self.raw.parameters())
+        n_params = sum(p.numel() for p in self.model.parameters())
         self.log(
             f"{'resuming' if start else 'training'} {cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.data} "
             f"{self.spec.input_size}x{self.spec.input_size}x{self.spec.in_channels}, {self.device}, "
-            f"{self.d.world_size} process(es), batch {cfg.global_batch_size} = {self.d.world_size} x {self.micro}"
+            f"{self.proc.world_size} process(es), batch {cfg.global_batch_size} = {self.proc.world_size} x {self.micro}"
             f" x {self.accum} accumulation, {str(self.amp_dtype or 'fp32').replace('torch.', '')}, "
             f"step {start} -> {cfg.max_steps}, run dir {self.run_dir}"
         )
         batches = self.batches(start)
-        self.raw.train()
+        self.model.train()
         bar = None
-        if self.d.is_main:
+        if self.proc.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
@@ -664,7 +587,7 @@ class Trainer:
     def reduce(self, sums: torch.Tensor, bad: torch.Tensor) -> dict[str, Any]:
         """All-reduce the loss sums (SUM) and the first bad step (MIN) over processes; one host sync."""
         sums, bad = sums.clone(), bad.clone()
-        if self.d.world_size > 1:
+        if self.proc.world_size > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         return {"sum": sums.tolist(), "bad": int(bad.item())}
@@ -676,7 +599,7 @@ class Trainer:
         return self.run_dir / "log.jsonl"
 
     def write_log(self, row: dict[str, Any]) -> None:
-        if self.d.is_main:
+        if self.proc.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -684,10 +607,10 @@ class Trainer:
         """On resume, drop log rows past the checkpoint (those steps are trained again), and a torn last line."""
         if self.log_path.is_file():
             keep = [json.dumps(r) + "\n" for r in rundir.read_log(self.log_path) if r["step"] <= step]
-            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(keep)))
+            write_text(self.log_path, "".join(keep))
 
     def plot_loss(self) -> Path | None:
-        if not self.d.is_main or not self.log_path.is_file():
+        if not self.proc.is_main or not self.log_path.is_file():
             return None
         from .plots import plot_loss_curve
 
@@ -731,7 +654,7 @@ class Trainer:
 
     def sample_grid(self, step: int, name: str | None = None) -> Path | None:
         """One row per class from the EMA weights, from the same noise without and with guidance."""
-        if not self.d.is_main or (self.spec.latent and self.decoder() is None):
+        if not self.proc.is_main or (self.spec.latent and self.decoder() is None):
             return None
         from .plots import save_class_grid
 
@@ -763,8 +686,8 @@ class Trainer:
 
     def finish(self, step: int, trained: bool) -> None:
         """Final grid, loss curve, evaluation, summary.json, and where everything went."""
-        if not self.d.is_main:
-            if self.d.world_size > 1:
+        if not self.proc.is_main:
+            if self.proc.world_size > 1:
                 dist.barrier()
             return
         summary_path = self.run_dir / "summary.json"
@@ -781,7 +704,7 @@ class Trainer:
                     summary["img_per_s"] = sorted(r["img_per_s"] for r in rows)[len(rows) // 2]
             if self.cfg.data == "toy" and self.cfg.eval_samples:
                 summary.update(self.evaluate_toy())
-            atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+            write_json(summary_path, summary)
         print(f"\nrun directory   {self.run_dir}")
         print(f"  checkpoint    {self.ckpt_path}  (model, EMA, optimizer, step {step})")
         print(f"  log           {self.log_path}")
@@ -798,21 +721,21 @@ class Trainer:
                 f"  sample accuracy (toy classifier, {self.cfg.eval_samples} EMA samples): "
                 f"{with_cfg}{summary['accuracy_cfg1']:.1%} without"
             )
-        if self.d.world_size > 1:
+        if self.proc.world_size > 1:
             dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(C.help_text())
+        print(config.help_text())
         return 0
-    preset, overrides = C.parse_overrides(argv)
-    cfg = C.build_config(preset, overrides)
+    preset, overrides = config.parse_overrides(argv)
+    cfg = config.build_config(preset, overrides)
     trainer = Trainer(cfg, preset)
-    applied = C.folder_defaults(preset, overrides)
+    applied = config.folder_defaults(preset, overrides)
     if applied:
-        trainer.log(C.describe_folder_defaults(applied, cfg))
+        trainer.log(config.describe_folder_defaults(applied, cfg))
     try:
         return trainer.run()
     except OSError as e:

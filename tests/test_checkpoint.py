@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import minidit
-from minidit import DiT, DiT_models
+from minidit import DiT, DiT_models, fileio
 from minidit import checkpoint as ck
 from minidit.checkpoint import CheckpointError, Pretrained
 
@@ -791,11 +791,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, error):
         raise error("crash while writing")
 
     with pytest.raises(error):
-        ck.atomic_write(path, write_half_then_fail)
+        fileio.atomic_write(path, write_half_then_fail)
     assert path.read_bytes() == b"old content"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
-    ck.atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"new content"))
+    fileio.atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"new content"))
     assert path.read_bytes() == b"new content"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 

@@ -21,6 +21,7 @@ from minidit import config as C
 from minidit import train
 from minidit.data import LatentShards, latent_x0, shard_name
 from minidit.errors import UserError, run_cli
+from minidit.runtime import Dist
 from minidit.vae import SCALE, load_vae, posterior_moments
 
 N = 8  # images: one global batch of 8, so every step is an epoch and sees every image once
@@ -93,18 +94,18 @@ def global_batch(trainer: train.Trainer, step: int, world: int, micro: int):
     trainer.diffusion.training_losses = record
     try:
         for rank in range(world):
-            trainer.d = train.Dist(rank, rank, world)
+            trainer.proc = Dist(rank, rank, world)
             trainer.micro, trainer.accum = micro, N // (micro * world)
             trainer.train_step(step, trainer.batches(step))
-            sampler = iter(train.RankBatches(trainer.dataset, trainer.d, micro, trainer.cfg.seed, step * N // world))
+            sampler = iter(train.RankBatches(trainer.dataset, trainer.proc, micro, trainer.cfg.seed, step * N // world))
             assert len(seen) == trainer.accum
             for a, x in enumerate(seen):
-                pos = train.batch_positions(a, micro, trainer.d)
+                pos = train.batch_positions(a, micro, trainer.proc)
                 x0[pos], ids[pos] = x, torch.tensor(next(sampler))
             seen.clear()
     finally:
         trainer.diffusion.training_losses = real
-        trainer.d, (trainer.micro, trainer.accum) = train.Dist(), C.batch_layout(trainer.cfg, 1)
+        trainer.proc, (trainer.micro, trainer.accum) = Dist(), C.batch_layout(trainer.cfg, 1)
     assert not x0.isnan().any() and sorted(ids.tolist()) == list(range(N))
     return x0, ids, trainer.step_noise(step)[3]
 

@@ -14,7 +14,8 @@ from exercises import assert_fails, assert_passes, stub
 
 from minidit import toy
 from minidit.course import lesson06
-from minidit.train import Dist, ToyBatches
+from minidit.runtime import Dist
+from minidit.train import ToyBatches
 
 # --------------------------------------------------------------------------
 # 6.1 (step_noise)

@@ -96,7 +96,7 @@ def test_same_seed_same_images(run, tmp_path):
         (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
         pytest.param(
             ["--device", "cuda"],
-            "--device cuda: CUDA is not available here (use --device cpu)",
+            "--device cuda: no CUDA GPU is visible here (use --device cpu)",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here"),
         ),  # fmt: skip
     ],

@@ -17,7 +17,8 @@ import torch
 from minidit import toy
 from minidit.diffusion import create_diffusion
 from minidit.model import DiT
-from minidit.train import Dist, ToyBatches, Trainer, batch_positions, update_ema
+from minidit.runtime import Dist
+from minidit.train import ToyBatches, Trainer, batch_positions, update_ema
 
 from . import checks
 
@@ -344,8 +345,8 @@ def _trainer_images(step, rank, world_size, G, micro, image_size=8):
 
 def _expected_indices(step, rank, world_size, G, micro):
     accum = G // (micro * world_size)
-    d = Dist(rank, rank, world_size)
-    return torch.stack([step * G + batch_positions(a, micro, d) for a in range(accum)])
+    proc = Dist(rank, rank, world_size)
+    return torch.stack([step * G + batch_positions(a, micro, proc) for a in range(accum)])
 
 
 def _index_variants(step, rank, W, G, micro):
