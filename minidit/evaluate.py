@@ -49,9 +49,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, atomic_write, read_file
+from .checkpoint import CheckpointError, read_file
 from .data import cifar10_files, load_cifar10_arrays, socket_timeout
 from .errors import ArgumentParser, DataError, UserError, positive_int, run_cli
+from .fileio import save_npz
 from .runtime import resolve_device
 
 #: A feature extractor: uint8 images [B, 3, H, W] -> float features [B, F] (a 1-tuple of that is accepted too).
@@ -381,12 +382,7 @@ def save_statistics(path: str | os.PathLike, stats: Statistics) -> None:
     """Write statistics as ``.npz`` (``mu``, ``sigma``, ``n``, ``label``, ``extractor``, ``key``), atomically."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "n": np.int64(stats.n if stats.n is not None else -1)}
     arrays |= {"label": np.str_(stats.label), "extractor": np.str_(stats.extractor), "key": np.str_(stats.key)}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path that lacks it
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    save_npz(path, **arrays)
 
 
 def load_statistics(path: str | os.PathLike) -> Statistics:
