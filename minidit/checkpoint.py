@@ -185,20 +185,42 @@ def from_diffusers(sd: dict[str, torch.Tensor], input_size: int | None = None) -
         raise CheckpointError(f"an incomplete diffusers state dict: {e} is missing (a partial file?)") from None
 
 
+#: Reference name -> diffusers name of the weights both layouts store once: at the top level, in every block
+#: (``blocks.{i}.`` / ``transformer_blocks.{i}.``), and the embedders, which diffusers copies into every block
+#: (``norm1.emb.``; block 0's copy is the one). q, k, v (fused in the reference) and pos_embed (not stored by
+#: diffusers) are converted apart.
+TOP_NAMES = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
+             "final_layer.linear": "proj_out_2"}  # fmt: skip
+BLOCK_NAMES = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+               "adaLN_modulation.1": "norm1.linear"}  # fmt: skip
+EMBEDDER_NAMES = {"t_embedder.mlp.0.weight": "timestep_embedder.linear_1.weight",
+                  "t_embedder.mlp.0.bias": "timestep_embedder.linear_1.bias",
+                  "t_embedder.mlp.2.weight": "timestep_embedder.linear_2.weight",
+                  "t_embedder.mlp.2.bias": "timestep_embedder.linear_2.bias",
+                  "y_embedder.embedding_table.weight": "class_embedder.embedding_table.weight"}  # fmt: skip
+
+
+def _key_pairs(depth: int) -> list[tuple[str, str]]:
+    """(reference key, diffusers key) for every weight in ``TOP_NAMES``, ``BLOCK_NAMES`` and ``EMBEDDER_NAMES``."""
+    pairs = [(f"{r}.{kind}", f"{d}.{kind}") for r, d in TOP_NAMES.items() for kind in ("weight", "bias")]
+    pairs += [(r, "transformer_blocks.0.norm1.emb." + d) for r, d in EMBEDDER_NAMES.items()]
+    for i in range(depth):
+        pairs += [(f"blocks.{i}.{r}.{kind}", f"transformer_blocks.{i}.{d}.{kind}")
+                  for r, d in BLOCK_NAMES.items() for kind in ("weight", "bias")]  # fmt: skip
+    return pairs
+
+
+def _depth(sd: dict[str, Any], prefix: str) -> int:
+    """The number of DiT blocks in ``sd``: 1 + the largest i of its ``<prefix>.<i>.`` keys."""
+    return 1 + max(int(m.group(1)) for k in sd if (m := re.match(prefix + r"\.(\d+)\.", k)))
+
+
 def _from_diffusers(sd: dict[str, torch.Tensor], input_size: int | None) -> dict[str, torch.Tensor]:
     from .embed import get_2d_sincos_pos_embed
 
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
+    depth = _depth(sd, "transformer_blocks")
+    out = {r: sd[d] for r, d in _key_pairs(depth)}
     b0 = "transformer_blocks.0.norm1.emb."
-    out = {
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-        "t_embedder.mlp.0.weight": sd[b0 + "timestep_embedder.linear_1.weight"],
-        "t_embedder.mlp.0.bias": sd[b0 + "timestep_embedder.linear_1.bias"],
-        "t_embedder.mlp.2.weight": sd[b0 + "timestep_embedder.linear_2.weight"],
-        "t_embedder.mlp.2.bias": sd[b0 + "timestep_embedder.linear_2.bias"],
-        "y_embedder.embedding_table.weight": sd[b0 + "class_embedder.embedding_table.weight"],
-    }
     for i in range(1, depth):  # diffusers stores a copy per block; the reference has one
         for k in (k[len(b0) :] for k in sd if k.startswith(b0)):
             copy = sd.get(f"transformer_blocks.{i}.norm1.emb.{k}")
@@ -208,16 +230,9 @@ def _from_diffusers(sd: dict[str, torch.Tensor], input_size: int | None) -> dict
                     "has one timestep and label embedder shared by all blocks (fine-tuned in diffusers?)"
                 )
     for i in range(depth):
-        d, r = f"transformer_blocks.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
-            out[r + f"attn.qkv.{kind}"] = torch.cat([sd[d + f"attn1.to_{n}.{kind}"] for n in "qkv"], dim=0)
-            out[r + f"attn.proj.{kind}"] = sd[d + f"attn1.to_out.0.{kind}"]
-            out[r + f"mlp.fc1.{kind}"] = sd[d + f"ff.net.0.proj.{kind}"]
-            out[r + f"mlp.fc2.{kind}"] = sd[d + f"ff.net.2.{kind}"]
-            out[r + f"adaLN_modulation.1.{kind}"] = sd[d + f"norm1.linear.{kind}"]
-    for kind in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{kind}"] = sd[f"proj_out_1.{kind}"]
-        out[f"final_layer.linear.{kind}"] = sd[f"proj_out_2.{kind}"]
+            qkv = [sd[f"transformer_blocks.{i}.attn1.to_{n}.{kind}"] for n in "qkv"]
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
     D, _, p, _ = out["x_embedder.proj.weight"].shape
     if input_size is None:
         raise CheckpointError("a diffusers state dict does not store the input size: pass input_size (sample_size)")
@@ -230,29 +245,14 @@ def to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a reference-layout state dict to diffusers' ``DiTTransformer2DModel`` layout
     (the timestep MLP and label table are copied into every block; pos_embed is dropped)."""
     sd = _strip_prefixes(sd)
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"]}
-    shared = {
-        "timestep_embedder.linear_1.weight": sd["t_embedder.mlp.0.weight"],
-        "timestep_embedder.linear_1.bias": sd["t_embedder.mlp.0.bias"],
-        "timestep_embedder.linear_2.weight": sd["t_embedder.mlp.2.weight"],
-        "timestep_embedder.linear_2.bias": sd["t_embedder.mlp.2.bias"],
-        "class_embedder.embedding_table.weight": sd["y_embedder.embedding_table.weight"],
-    }
+    depth = _depth(sd, "blocks")
+    out = {d: sd[r] for r, d in _key_pairs(depth)}
     for i in range(depth):
-        d, r = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for k, v in shared.items():
-            out[d + "norm1.emb." + k] = v.clone()
+        for r, d in EMBEDDER_NAMES.items():
+            out[f"transformer_blocks.{i}.norm1.emb.{d}"] = sd[r].clone()
         for kind in ("weight", "bias"):
-            q, k, v = sd[r + f"attn.qkv.{kind}"].chunk(3, dim=0)
-            out[d + f"attn1.to_q.{kind}"], out[d + f"attn1.to_k.{kind}"], out[d + f"attn1.to_v.{kind}"] = q, k, v
-            out[d + f"attn1.to_out.0.{kind}"] = sd[r + f"attn.proj.{kind}"]
-            out[d + f"ff.net.0.proj.{kind}"] = sd[r + f"mlp.fc1.{kind}"]
-            out[d + f"ff.net.2.{kind}"] = sd[r + f"mlp.fc2.{kind}"]
-            out[d + f"norm1.linear.{kind}"] = sd[r + f"adaLN_modulation.1.{kind}"]
-    for kind in ("weight", "bias"):
-        out[f"proj_out_1.{kind}"] = sd[f"final_layer.adaLN_modulation.1.{kind}"]
-        out[f"proj_out_2.{kind}"] = sd[f"final_layer.linear.{kind}"]
+            for n, w in zip("qkv", sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, dim=0)):
+                out[f"transformer_blocks.{i}.attn1.to_{n}.{kind}"] = w
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -472,7 +472,7 @@ def infer_config(
     """
     try:
         D, C, p, _ = sd["x_embedder.proj.weight"].shape
-        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        depth = _depth(sd, "blocks")
         T = sd["pos_embed"].shape[1]
         rows = sd["y_embedder.embedding_table.weight"].shape[0]
         out_dim = sd["final_layer.linear.weight"].shape[0]
