@@ -377,6 +377,9 @@ class Statistics:
     extractor: str = ""  # the feature extractor's name
     key: str = ""  # source fingerprint + extractor, for cache files
 
+    def __iter__(self):  # mu, sigma = stats
+        return iter((self.mu, self.sigma))
+
 
 def save_statistics(path: str | os.PathLike, stats: Statistics) -> None:
     """Write statistics as ``.npz`` (``mu``, ``sigma``, ``n``, ``label``, ``extractor``, ``key``), atomically."""
@@ -414,9 +417,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "images"
 
 
-def _reference(
+def reference_statistics(
     source,
-    extractor: Extractor | None,
+    extractor: Extractor | None = None,
     *,
     cache: bool | str | os.PathLike = True,
     cache_dir: str | os.PathLike = DEFAULT_STATS_DIR,
@@ -426,7 +429,15 @@ def _reference(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Statistics:
-    """``reference_statistics``, returning a ``Statistics`` (with n and a label, for reports)."""
+    """Feature statistics of real images -> ``Statistics`` (unpacks as ``mu, sigma``: float64 [F], [F, F]).
+
+    source: ``"cifar10"`` (the 50k training images under ``root``, downloaded if missing), a folder of
+    images, an ``.npz`` of images (``arr_0``) or of statistics (``mu``, ``sigma``: returned as they are),
+    a uint8 array [N, H, W, 3], ``Statistics`` or a ``(mu, sigma)`` pair.
+    extractor: default torch-fidelity's InceptionV3 (``inception_extractor``).
+    cache: ``True`` keeps statistics of files in ``cache_dir/<name>-<fingerprint>-<extractor>.npz`` (the
+    fingerprint changes when the files do), a path keeps them there, ``False`` recomputes every time.
+    """
     # Precomputed statistics: nothing to extract.
     if isinstance(source, Statistics):
         return source
@@ -481,73 +492,19 @@ def _reference(
     return stats
 
 
-def reference_statistics(
-    source,
-    extractor: Extractor | None = None,
-    *,
-    cache: bool | str | os.PathLike = True,
-    cache_dir: str | os.PathLike = DEFAULT_STATS_DIR,
-    root: str | os.PathLike = DEFAULT_CIFAR10_ROOT,
-    download: bool = True,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics of real images -> (mu float64 [F], sigma float64 [F, F]).
-
-    source: ``"cifar10"`` (the 50k training images under ``root``, downloaded if missing), a folder of
-    images, an ``.npz`` of images (``arr_0``) or of statistics (``mu``, ``sigma``: returned as they are),
-    a uint8 array [N, H, W, 3], or a ``(mu, sigma)`` pair.
-    extractor: default torch-fidelity's InceptionV3 (``inception_extractor``).
-    cache: ``True`` keeps statistics of files in ``cache_dir/<name>-<fingerprint>-<extractor>.npz`` (the
-    fingerprint changes when the files do), a path keeps them there, ``False`` recomputes every time.
-    """
-    stats = _reference(
-        source, extractor, cache=cache, cache_dir=cache_dir, root=root, download=download,
-        batch_size=batch_size, device=device, progress=progress,
-    )  # fmt: skip
-    return stats.mu, stats.sigma
-
-
 # --------------------------------------------------------------------------
 # FID
 # --------------------------------------------------------------------------
 
 
-@dataclass
-class FIDResult:
-    value: float
-    n_samples: int
-    reference: Statistics
-    extractor: str
+class FIDResult(float):
+    """An FID: the number itself (a float), with what it was measured on, for reports: ``n_samples``, the
+    ``reference`` statistics and the ``extractor``'s name."""
 
-
-def _fid(
-    samples,
-    reference,
-    extractor: Extractor | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    **reference_kwargs,
-) -> FIDResult:
-    progress = reference_kwargs.get("progress", True)
-    if isinstance(samples, str | os.PathLike) and not Path(samples).exists():
-        raise DataError(f"{samples}: no such file or folder")
-    if isinstance(reference, str | os.PathLike) and str(reference).lower() != "cifar10":
-        if not Path(reference).exists():
-            raise DataError(f"reference {reference}: not 'cifar10' and no such file or folder")
-    images = _source_images(samples, batch_size)  # checks the samples before any long computation
-    extractor = extractor if extractor is not None else inception_extractor(device)
-    ref = _reference(reference, extractor, batch_size=batch_size, device=device, **reference_kwargs)
-    features = compute_features(images, extractor, batch_size, device, progress, desc="samples")
-    mu, sigma = feature_statistics(features)
-    if mu.shape != ref.mu.shape:
-        raise DataError(
-            f"the reference statistics have {len(ref.mu)} features but the samples {len(mu)}: "
-            "were they computed with another feature extractor?"
-        )
-    value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-    return FIDResult(value, len(features), ref, _extractor_name(extractor))
+    def __new__(cls, value: float, n_samples: int, reference: Statistics, extractor: str):
+        result = super().__new__(cls, value)
+        result.n_samples, result.reference, result.extractor = n_samples, reference, extractor
+        return result
 
 
 def fid(
@@ -557,8 +514,8 @@ def fid(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     **reference_kwargs,
-) -> float:
-    """FID of samples against a reference -> float.
+) -> FIDResult:
+    """FID of samples against a reference -> a float (an ``FIDResult``, which also says what was compared).
 
     samples: an ``.npz`` (``arr_0``: uint8 [N, H, W, 3]), a folder of images, a uint8 array [N, H, W, 3]
     or a uint8 tensor [N, 3, H, W]. reference: what ``reference_statistics`` takes (``"cifar10"``, a folder,
@@ -566,7 +523,24 @@ def fid(
     ``reference_kwargs`` (cache, cache_dir, root, download, progress) go to ``reference_statistics``.
     FID is biased upward for small N: published numbers use 50,000 samples (10,000 at least).
     """
-    return _fid(samples, reference, extractor, batch_size, device, **reference_kwargs).value
+    progress = reference_kwargs.get("progress", True)
+    if isinstance(samples, str | os.PathLike) and not Path(samples).exists():
+        raise DataError(f"{samples}: no such file or folder")
+    if isinstance(reference, str | os.PathLike) and str(reference).lower() != "cifar10":
+        if not Path(reference).exists():
+            raise DataError(f"reference {reference}: not 'cifar10' and no such file or folder")
+    images = _source_images(samples, batch_size)  # checks the samples before any long computation
+    extractor = extractor if extractor is not None else inception_extractor(device)
+    ref = reference_statistics(reference, extractor, batch_size=batch_size, device=device, **reference_kwargs)
+    features = compute_features(images, extractor, batch_size, device, progress, desc="samples")
+    mu, sigma = feature_statistics(features)
+    if mu.shape != ref.mu.shape:
+        raise DataError(
+            f"the reference statistics have {len(ref.mu)} features but the samples {len(mu)}: "
+            "were they computed with another feature extractor?"
+        )
+    value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    return FIDResult(value, len(features), ref, _extractor_name(extractor))
 
 
 # --------------------------------------------------------------------------
@@ -721,14 +695,14 @@ def main(argv: list[str] | None = None) -> int:
         _check_reference_arg(args.ref)
         if not Path(args.samples).exists():
             raise DataError(f"{args.samples}: no such file or folder")
-        result = _fid(
+        result = fid(
             args.samples, args.ref, None, args.batch_size, device,
             cache=not args.no_cache, cache_dir=args.cache_dir, root=args.data_root, progress=progress,
         )  # fmt: skip
         ref = result.reference
         ref_n = f", {ref.n} images" if ref.n else ""
         print(
-            f"FID: {result.value:.2f} ({result.n_samples} samples vs reference {ref.label}{ref_n}; "
+            f"FID: {result:.2f} ({result.n_samples} samples vs reference {ref.label}{ref_n}; "
             f"{result.extractor} features)"
         )
         if result.n_samples < len(ref.mu):
@@ -757,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.source.lower() != "cifar10" and not Path(args.source).exists():
             raise DataError(f"{args.source}: not 'cifar10', and no such folder or .npz file")
-        stats = _reference(
+        stats = reference_statistics(
             args.source, None, cache=False, root=args.data_root,
             batch_size=args.batch_size, device=device, progress=progress,
         )  # fmt: skip

@@ -173,6 +173,7 @@ def test_fid_npz_vs_npz(tmp_path):
     value = evaluate.fid(s, r, **kwargs)
     assert value == pytest.approx(direct_fid(samples, real, extractor), rel=1e-6)
     assert value > 0.01
+    assert (value.n_samples, value.reference.n, value.extractor) == (64, 80, "tiny-test")  # what was compared
     assert abs(evaluate.fid(s, s, **kwargs)) < 1e-6
 
 
@@ -196,8 +197,10 @@ def test_reference_statistics_are_cached(tmp_path):
     assert calls == 4
     (cached,) = (tmp_path / "stats").glob("*.npz")
     assert "real" in cached.name and "tiny-test" in cached.name
-    mu2, sigma2 = evaluate.reference_statistics(real, extractor, **kwargs)
+    stats = evaluate.reference_statistics(real, extractor, **kwargs)
     assert extractor.calls == calls  # read back, not recomputed
+    assert (stats.n, stats.label, stats.extractor) == (50, "real", "tiny-test")  # and it says what it is
+    mu2, sigma2 = stats
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     # Another extractor does not reuse these statistics.
