@@ -40,6 +40,7 @@ from .checkpoint import model_from_state_dict, read_checkpoint
 from .diffusion import create_diffusion
 from .errors import ArgumentParser, UserError, positive_int, run_cli
 from .fileio import atomic_write, save_npz, write_json
+from .flow import FlowMatching
 from .model import DiT
 from .runtime import cpu_threads, dist_from_env, init_distributed, resolve_device, sample_generator
 
@@ -65,19 +66,32 @@ def check_steps(num_steps: int, diffusion_steps: int) -> None:
         raise UserError(f"--num-steps {num_steps}: must be in 2..{diffusion_steps} (the model's diffusion steps)")
 
 
+def check_sampler(sampler: str | None, objective: str) -> str:
+    """The sampler for a model trained with ``objective`` (None: ddpm, or euler for flow); one line if it cannot."""
+    samplers = ("euler", "heun") if objective == "flow" else ("ddpm", "ddim")
+    if sampler is None:
+        return samplers[0]
+    if sampler not in samplers:
+        raise UserError(
+            f"--sampler {sampler}: this model was trained with --objective {objective}: choose {' or '.join(samplers)}"
+        )
+    return sampler
+
+
 @torch.no_grad()
 def generate(
     model: DiT,
     labels: torch.Tensor,
     cfg_scale: float = 4.0,
     num_steps: int = 250,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     seed: int = 0,
     guided_channels: int | None = 3,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     clip_denoised: bool = False,
     noise_schedule: str = "linear",
     diffusion_steps: int = 1000,
+    objective: str = "ddpm",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -89,16 +103,20 @@ def generate(
     steps; classifier-free guidance with ``cfg_scale`` (1: none) on ``guided_channels``
     (3, the reference; None: all). Sample i's noise comes from ``sample_generator(seed, indices[i])``
     (default indices 0..N-1), so a sample is the same in any batch. Raises ``UserError`` if a
-    sample is not finite (broken weights).
+    sample is not finite (broken weights). ``objective="flow"`` (a ``--objective flow`` run): Euler (default) or
+    Heun over ``num_steps`` steps from t = 1 to 0, guided on all channels (the velocity; see ``minidit.flow``).
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise UserError(f"--sampler {sampler!r}: choose ddpm or ddim")
+    sampler = check_sampler(sampler, objective)
     check_guidance(model, cfg_scale)
-    check_steps(num_steps, diffusion_steps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices)
-    diffusion = create_diffusion(str(num_steps), noise_schedule, model.learn_sigma, diffusion_steps)
-    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    if objective == "flow":
+        flow, guided_channels = FlowMatching(num_steps), None
+        loop = flow.euler_sample_loop if sampler == "euler" else flow.heun_sample_loop
+    else:
+        check_steps(num_steps, diffusion_steps)
+        diffusion = create_diffusion(str(num_steps), noise_schedule, model.learn_sigma, diffusion_steps)
+        loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     was_training = model.training
     model.eval()
     out = []
@@ -299,9 +317,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--per-class", type=positive_int, default=4, help="samples per class in the grid (default: 4)")
     p.add_argument("--num-samples", type=positive_int, help="N samples of random classes for FID (no grid)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale >= 0; 1: none (default: 4; FID: 1.5)")
-    p.add_argument("--guided-channels", default="3", help="1-4 or 'all' (default: 3, the reference)")
+    p.add_argument("--guided-channels", help="1-4 or 'all' (default: 3, the reference; flow runs: all, always)")
     p.add_argument("--num-steps", type=positive_int, default=250, help="sampling steps, respaced (default: 250)")
-    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="(default: ddpm)")
+    samplers = ("ddpm", "ddim", "euler", "heun")
+    p.add_argument("--sampler", choices=samplers, help="flow runs: euler or heun (default: ddpm; flow runs: euler)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default: 0)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch and shard (default: 32)")
     p.add_argument("--image-size", type=int, choices=(256, 512), help="for a diffusers file without its config")
@@ -331,9 +350,9 @@ def default_outputs(args: argparse.Namespace, run_dir: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.guided_channels not in ("all", "1", "2", "3", "4"):
+    if args.guided_channels not in (None, "all", "1", "2", "3", "4"):
         raise UserError(f"--guided-channels {args.guided_channels!r}: use 1-4 or 'all'")
-    guided = None if args.guided_channels == "all" else int(args.guided_channels)
+    guided = None if args.guided_channels == "all" else int(args.guided_channels or 3)
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
         raise UserError(f"--cfg-scale {args.cfg_scale}: the guidance scale must be a finite number >= 0 (1: none)")
     if args.seed < 0:
@@ -343,12 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     proc = dist_from_env()
     device = resolve_device(args.device, proc.local_rank)
     model, info = load_for_sampling(args.ckpt, args.image_size)
+    objective = info["train_config"].get("objective", "ddpm")
+    args.sampler = check_sampler(args.sampler, objective)
+    if objective == "flow" and args.guided_channels not in (None, "all"):
+        raise UserError(f"--guided-channels {args.guided_channels}: a flow model is guided on all its channels")
     default_outputs(args, info["run_dir"])
     if device.type == "cpu":  # as the trainer: threads that cannot oversubscribe the cores (1 on a busy machine)
         torch.set_num_threads(cpu_threads(0, proc.local_world_size)[0])
     trained = info["train_config"]  # a minidit run knows its schedule; released weights use the default
     schedule, steps = trained.get("noise_schedule", "linear"), trained.get("diffusion_steps", 1000)
-    check_steps(args.num_steps, steps)
+    if objective != "flow":
+        check_steps(args.num_steps, steps)
     check_guidance(model, args.cfg_scale)
     model.to(device)
     names = info["class_names"]
@@ -364,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = dict(
         cfg_scale=args.cfg_scale, num_steps=args.num_steps, sampler=args.sampler, seed=args.seed,
         guided_channels=guided, decoder=decoder, clip_denoised=clip, noise_schedule=schedule,
-        diffusion_steps=steps, device=device,
+        diffusion_steps=steps, objective=objective, device=device,
     )  # fmt: skip
 
     if args.num_samples:  # the FID protocol: uniformly random classes

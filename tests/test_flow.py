@@ -8,7 +8,9 @@ from statistics import NormalDist
 import pytest
 import torch
 
+from minidit import sample
 from minidit.diffusion import create_diffusion
+from minidit.errors import UserError
 from minidit.flow import FlowMatching
 from minidit.runtime import sample_generator
 
@@ -167,3 +169,29 @@ def test_clip_denoised_keeps_x0_hat_in_range_and_euler_is_then_ddim_on_the_line(
     out = flow.euler_sample_loop(field, x1.shape, noise=x1, clip_denoised=True)
     assert out.abs().max() <= 1 and torch.equal(out, out.clamp(-1, 1))
     assert (flow.euler_sample_loop(field, x1.shape, noise=x1) - x0).abs().max() < 1e-12  # unclipped: exact
+
+
+def test_generate_samples_a_flow_model_guided_on_every_channel_independent_of_the_batch(small_dit):
+    labels = torch.tensor([1, 2, 3])
+    kw = dict(cfg_scale=3.0, num_steps=3, seed=4, objective="flow")
+    whole = sample.generate(small_dit, labels, sampler="heun", **kw)
+    apart = sample.generate(small_dit, labels, sampler="heun", batch_size=2, guided_channels=3, **kw)
+    torch.testing.assert_close(whole, apart, atol=1e-4, rtol=1e-5)  # guided_channels ignored: all, always
+    # by hand: Heun on the guided velocity of all four channels, from sample i's own noise
+    z = torch.stack([torch.randn(4, 8, 8, generator=sample_generator(4, i)) for i in range(3)])
+    null = torch.full_like(labels, small_dit.num_classes)
+    fn = partial(small_dit.forward_with_cfg, guided_channels=None)
+    x = FlowMatching(3).heun_sample_loop(
+        fn, (6, 4, 8, 8), torch.cat([z, z]), dict(y=torch.cat([labels, null]), cfg_scale=3.0)
+    )
+    torch.testing.assert_close(whole, x[:3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(whole, sample.generate(small_dit, labels, **kw))  # the default, Euler, differs
+
+
+@pytest.mark.parametrize(
+    "objective, sampler, other", [("flow", "ddim", "euler or heun"), ("ddpm", "heun", "ddpm or ddim")]
+)
+def test_a_sampler_of_the_other_objective_is_one_line(small_dit, objective, sampler, other):
+    with pytest.raises(UserError, match=f"--sampler {sampler}: this model was trained with --objective {objective}: "
+                       f"choose {other}"):  # fmt: skip
+        sample.generate(small_dit, torch.tensor([1]), num_steps=2, objective=objective, sampler=sampler)

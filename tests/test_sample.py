@@ -112,7 +112,8 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "sampling steps, respaced (default: 250)" in text and "--sampler {ddpm,ddim} (default: ddpm)" in text
+    assert "sampling steps, respaced (default: 250)" in text
+    assert "--sampler {ddpm,ddim,euler,heun} flow runs: euler or heun (default: ddpm; flow runs: euler)" in text
 
 
 def test_outputs_go_under_the_run_dir_by_default(tmp_path, capsys):
