@@ -155,7 +155,7 @@ def load_trained_classifier(path: str) -> tuple[toy.ToyClassifier, list[str]]:
 # --------------------------------------------------------------------------
 
 
-def score(run_dir: str, classifier: str, per_class: int = 50, seed: int = 2) -> dict:
+def score(run_dir: str, classifier: str, per_class: int = 50, seed: int = 2, sample_steps: int | None = None) -> dict:
     from minidit.checkpoint import read_file
     from minidit.config import TrainConfig
     from minidit.sample import generate
@@ -171,11 +171,12 @@ def score(run_dir: str, classifier: str, per_class: int = 50, seed: int = 2) -> 
     if names != spec.class_names:
         raise SystemExit(f"{classifier} was trained on classes {names}, the run on {spec.class_names}")
     labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
+    steps = sample_steps or cfg.sample_steps
     result = {"run_dir": run_dir, "step": int(ckpt["step"]), "per_class": per_class, "samples": len(labels),
-              "seed": seed, "sample_steps": cfg.sample_steps}  # fmt: skip
+              "seed": seed, "sample_steps": steps}  # fmt: skip
     for scale in (cfg.cfg_scale, 1.0):
         images = generate(
-            model.eval(), labels, cfg_scale=scale, num_steps=cfg.sample_steps, seed=seed,
+            model.eval(), labels, cfg_scale=scale, num_steps=steps, seed=seed,
             noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps, clip_denoised=True,
         )  # fmt: skip
         with torch.no_grad():
@@ -187,7 +188,9 @@ def score(run_dir: str, classifier: str, per_class: int = 50, seed: int = 2) -> 
     log = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines() if r.strip()]
     result["train_seconds"] = log[-1]["time"] - log[0]["time"] if len(log) > 1 else None
     result["img_per_s"] = summary.get("img_per_s")
-    (run / "score.json").write_text(json.dumps(result, indent=2))
+    (run / f"score{'' if steps == cfg.sample_steps else f'-{steps}steps'}.json").write_text(
+        json.dumps(result, indent=2)
+    )
     return result
 
 
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--run-dir", required=True)
     s.add_argument("--classifier", required=True)
     s.add_argument("--per-class", type=int, default=50)
+    s.add_argument("--sample-steps", type=int, default=None, help="DDPM steps (default: the run's sample_steps)")
     r = sub.add_parser("report", help="markdown table of scored runs")
     r.add_argument("runs", nargs="+")
     args = p.parse_args(argv)
@@ -238,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(str(out) + ".json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
     elif args.command == "score":
-        print(json.dumps(score(args.run_dir, args.classifier, args.per_class), indent=2))
+        print(
+            json.dumps(score(args.run_dir, args.classifier, args.per_class, sample_steps=args.sample_steps), indent=2)
+        )
     elif args.command == "report":
         print(report(args.runs))
     return 0

@@ -15,7 +15,7 @@ def folder_config(*extra: str) -> tuple[C.TrainConfig, dict]:
 def test_folder_defaults_are_applied():
     cfg, applied = folder_config()
     assert cfg.model == "DiT-Ti/2" and cfg.image_size == 16  # 64 tokens
-    assert (cfg.noise_schedule, cfg.lr, cfg.ema_decay, cfg.max_steps) == ("linear", 1e-3, 0.995, 3000)
+    assert (cfg.noise_schedule, cfg.lr, cfg.ema_decay, cfg.max_steps) == ("cosine", 2e-3, 0.995, 3000)
     assert cfg.hflip is False and cfg.eval_samples == 0
     assert set(applied) == {"image_size", "model", *C.FOLDER_DEFAULTS}
 
@@ -24,15 +24,15 @@ def test_given_options_win_over_folder_defaults():
     cfg, applied = folder_config("--lr", "3e-4", "--model", "DiT-Ti/4", "--hflip", "true", "--max-steps", "50")
     assert (cfg.lr, cfg.model, cfg.hflip, cfg.max_steps) == (3e-4, "DiT-Ti/4", True, 50)
     assert not {"lr", "model", "hflip", "max_steps"} & set(applied)
-    assert cfg.noise_schedule == "linear"  # the others still apply
+    assert cfg.eval_samples == 0 and applied["noise_schedule"] == "cosine"  # the others still apply
 
 
 def test_options_equal_to_a_default_still_win_over_folder_defaults():
-    given = ("--noise-schedule", "cosine", "--max-steps", "6000", "--hflip", "true", "--warmup-steps", "0")
-    cfg, applied = folder_config(*given)  # cosine, 6000: the toy preset's; hflip, warmup 0: TrainConfig's
-    assert (cfg.noise_schedule, cfg.max_steps, cfg.hflip, cfg.warmup_steps) == ("cosine", 6000, True, 0)
-    assert not {"noise_schedule", "max_steps", "hflip", "warmup_steps"} & set(applied)
-    assert applied["lr"] == cfg.lr == 1e-3  # the others still apply
+    given = ("--model", "DiT-Ti/4", "--max-steps", "6000", "--hflip", "true", "--warmup-steps", "0")
+    cfg, applied = folder_config(*given)  # DiT-Ti/4, 6000: the toy preset's; hflip, warmup 0: TrainConfig's
+    assert (cfg.model, cfg.max_steps, cfg.hflip, cfg.warmup_steps) == ("DiT-Ti/4", 6000, True, 0)
+    assert not {"model", "max_steps", "hflip", "warmup_steps"} & set(applied)
+    assert applied["eval_samples"] == cfg.eval_samples == 0  # the others still apply
 
 
 @pytest.mark.parametrize("size, model", [(16, "DiT-Ti/2"), (32, "DiT-Ti/4"), (64, "DiT-Ti/8"), (24, "DiT-Ti/4")])
@@ -54,7 +54,7 @@ def test_folder_defaults_are_printed_at_start(tmp_path, monkeypatch, capsys):
     assert train.main([*argv, "--run-dir", str(tmp_path / "run")]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("folder defaults")]
     assert len(line) == 1
-    assert "--model DiT-Ti/2 (64 tokens at 16 px)" in line[0] and "--noise-schedule linear" in line[0]
+    assert "--model DiT-Ti/2 (64 tokens at 16 px)" in line[0] and "--noise-schedule cosine" in line[0]
     assert "--hflip false" in line[0] and "--max-steps 3000" in line[0] and "--lr" not in line[0]
     assert train.main(["--max-steps", "1", "--run-dir", str(tmp_path / "toy")]) == 0  # toy: no such line
     assert "folder defaults" not in capsys.readouterr().out
