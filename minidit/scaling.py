@@ -1,20 +1,15 @@
 """Loss and sample quality against compute: the paper's scaling sweep at toy scale (section 4, Table 1, Figure 9).
 
-The paper trains 12 DiTs (S, B, L, XL at patch 8, 4, 2) for the same steps and finds that FID follows
-the forward Gflops, not the parameter count: a smaller patch (more tokens) at the same parameters helps as much
-as a larger model. This script repeats that on the toy shapes (16 px, 10 classes), with the trainer's toy recipe
-(``config.PRESETS["toy"]``) and its own step (``train.train_step``), for small DiTs named ``wW-dD-pP`` (width W,
-depth D, patch P, W / 32 heads)::
+The paper trains DiT-S/B/L/XL at patch 8, 4, 2 for the same steps: FID follows the forward Gflops, not the
+parameters (a smaller patch at the same parameters helps as much as a bigger model). This repeats it on the toy
+shapes (16 px) with the trainer's toy recipe and step (``train.train_step``) for DiTs named ``wW-dD-pP`` (width W,
+depth D, patch P, W / 32 heads), recording params, forward Gflops per image (``stats.model_stats``: MACs, the
+paper's unit), tokens, the training loss (last 10% of steps), a held-out loss (EMA weights, fixed unseen images,
+evenly spaced t, seeded noise: far less noisy), the toy classifier's accuracy on CFG-4 samples and wall time::
 
-    python -m minidit.scaling run --steps 1000 --out benchmarks/results/scaling-2026-12-01.json
+    python -m minidit.scaling run --steps 1200 --out benchmarks/results/scaling-2026-12-01.json  # resumable
     python -m minidit.scaling plot benchmarks/results/scaling-2026-12-01.json --out scaling.png
     python -m minidit.scaling report benchmarks/results/scaling-2026-12-01.json
-
-Each config records params, forward Gflops per image (``stats.model_stats``, the paper's unit: multiply-
-accumulates), tokens, the training loss (mean over the last 10% of steps), a held-out loss (the EMA weights on a
-fixed batch of unseen toy images at evenly spaced t with seeded noise: far less noisy than the training loss),
-the toy classifier's accuracy on CFG-4 samples, and wall time. The results file is rewritten (atomically) after
-every config, and a rerun with the same file skips the configs it already holds.
 """
 
 from __future__ import annotations
@@ -215,6 +210,7 @@ def report(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], out: str | Path) -> Path:
     """Held-out (and training) loss against Gflops and against params (log x), and accuracy against Gflops."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     runs = sorted(result["runs"], key=lambda r: r["gflops"])
     fig = Figure(figsize=(13, 4))
@@ -230,10 +226,12 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
                 a, b = fit_power_law(xs, ys)
                 grid = np.geomspace(min(xs), max(xs), 50)
                 ax.plot(grid, a * grid**b, "--", color="C1", label=f"fit ∝ x^{b:.3f}")
+            ax.set_yscale("log")
             ax.legend(fontsize=8)
         for r, xv, yv in zip(runs, xs, ys):
             ax.annotate(r["name"], (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # (labels on every minor tick overlap)
         ax.set_xlabel(xlabel)
         ax.set_ylabel({"heldout_loss": "held-out loss (EMA)", "accuracy_cfg4": "toy accuracy, CFG 4"}[yk])
         ax.grid(alpha=0.3)
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m minidit.scaling", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train the sweep (resumes: configs already in --out are skipped)")
-    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--steps", type=positive_int, default=1200)
     p.add_argument("--out", type=Path, required=True, help="results JSON, rewritten after every config")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated wW-dD-pP (default {DEFAULT_CONFIGS})")
     p.add_argument("--seed", type=int, default=0)
