@@ -52,6 +52,12 @@ class TrainConfig:
     grad_checkpointing: bool = _field(False, "recompute each block in the backward pass (less memory, slower)")
     compile: bool = _field(False, "torch.compile the model")
     # -- diffusion -------------------------------------------------------------------------
+    objective: str = _field(
+        "ddpm",
+        "ddpm (Gaussian diffusion: eps + learned variance, the paper) | flow (flow matching: the velocity on the "
+        "linear interpolant, as SD3 and SiT; learn_sigma's extra channels are then unused)",
+    )
+    t_sampling: str = _field("uniform", "flow: training times t, uniform | logit-normal (SD3 §3.1, m=0, s=1)")
     noise_schedule: str = _field("linear", "beta schedule: linear (the paper) | cosine (Improved DDPM)")
     diffusion_steps: int = _field(1000, "diffusion steps T of the training schedule")
     # -- optimisation (the reference: AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) -
@@ -75,7 +81,7 @@ class TrainConfig:
     sample_every: int = _field(500, "draw a sample grid every N steps (0: only at the end)")
     samples_per_class: int = _field(6, "columns of the sample grids")
     sample_classes: str = _field("", "comma-separated class ids for the grid rows (empty: the first 16 classes)")
-    sample_steps: int = _field(100, "sampling steps (respaced DDPM) for grids and evaluation")
+    sample_steps: int = _field(100, "sampling steps (respaced DDPM; flow: Euler) for grids and evaluation")
     cfg_scale: float = _field(4.0, "classifier-free guidance scale for grids and evaluation")
     eval_samples: int = _field(200, "samples the toy classifier checks at the end (toy data only; 0: skip)")
     vae: str = _field("ema", "latent models: VAE that decodes the grids (ema | mse | toy | a local directory)")
@@ -122,6 +128,8 @@ CHOICES = {
     "attn_backend": ("sdpa", "math", "flash_attn"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "noise_schedule": ("linear", "cosine"),
+    "objective": ("ddpm", "flow"),
+    "t_sampling": ("uniform", "logit-normal"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "latent_sampling": ("fresh", "frozen"),
 }
@@ -130,6 +138,8 @@ CHOICES = {
 ADDED_FIELDS = {
     "latent_sampling": lambda saved: "frozen" if saved.get("data") == "latents" else "fresh",
     "hflip": lambda saved: True,
+    "objective": lambda saved: "ddpm",
+    "t_sampling": lambda saved: "uniform",
 }
 
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: 256 px -> 32x32x4 latents

@@ -12,6 +12,7 @@ What it does each step, for a global batch of G images spread over W processes:
     t, eps, drop, flip <- one generator seeded by (seed, step): the same numbers whatever W is
     (latents stored as posterior moments: also the noise of a fresh posterior sample per image)
     loss = mean(mse + vb) of diffusion.training_losses(model, x_0, t, eps)   (paper §3.1, Improved DDPM §3)
+    (--objective flow: t in [0, 1] and the velocity MSE of minidit.flow, vb = 0)
     AdamW step; EMA update (lerp towards the weights)
 
 Randomness is keyed by the step and by each image's position in the global batch, so
@@ -43,6 +44,7 @@ from .data import latent_x0
 from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import DataError, UserError, run_cli
 from .fileio import read_json, write_json, write_text
+from .flow import FlowMatching
 from .model import DiT, create_model
 from .runtime import Dist, autocast_dtype, cpu_threads, dist_from_env, init_distributed, resolve_device, step_generator
 
@@ -221,12 +223,19 @@ def update_ema(ema: DiT, model: DiT, decay: float) -> None:
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
 
 
+def make_objective(cfg: config.TrainConfig) -> GaussianDiffusion | FlowMatching:
+    """What the run trains: the paper's Gaussian diffusion (``--objective ddpm``) or flow matching (``flow``)."""
+    if cfg.objective == "flow":
+        return FlowMatching(t_sampling=cfg.t_sampling)
+    return create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
+
+
 def train_step(
     net: nn.Module,
     model: DiT,
     ema: DiT,
     opt: torch.optim.Optimizer,
-    diffusion: GaussianDiffusion,
+    diffusion: GaussianDiffusion | FlowMatching,
     micro_batches: Iterable[tuple[torch.Tensor, ...]],
     *,
     accum: int,
@@ -443,7 +452,7 @@ class Trainer:
 
             net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.compile else net
-        self.diffusion = create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
+        self.diffusion = make_objective(cfg)
 
         if self.proc.is_main:
             for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a kill during a write
@@ -471,7 +480,7 @@ class Trainer:
         """Timesteps, noise, label drops and flips for the whole global batch of ``step``."""
         G, s = self.cfg.global_batch_size, self.spec
         g = step_generator(self.cfg.seed, step, self.device)
-        t = torch.randint(0, self.diffusion.num_timesteps, (G,), generator=g, device=self.device)
+        t = self.diffusion.sample_timesteps(G, g, self.device)  # ddpm: one randint; flow: one rand or randn
         noise = torch.randn((G, s.in_channels, s.input_size, s.input_size), generator=g, device=self.device)
         drop = torch.rand(G, generator=g, device=self.device) < self.cfg.class_dropout_prob
         flip = torch.rand(G, generator=g, device=self.device) < (0.5 if self.cfg.hflip else 0.0)
@@ -635,7 +644,8 @@ class Trainer:
         return generate(
             self.ema, labels, cfg_scale=cfg_scale, num_steps=self.cfg.sample_steps, seed=seed,
             noise_schedule=self.cfg.noise_schedule, diffusion_steps=self.cfg.diffusion_steps,
-            decoder=self.decoder(), clip_denoised=not self.spec.latent, device=self.device,
+            objective=self.cfg.objective, decoder=self.decoder(), clip_denoised=not self.spec.latent,
+            device=self.device,
         )  # fmt: skip
 
     def decoder(self):

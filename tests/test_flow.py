@@ -1,6 +1,7 @@
 """Flow matching (minidit.flow) against hand derivations: the linear interpolant of rectified flow / SD3 §3.1,
 its velocity target, Euler and Heun on fields whose exact solution is known, logit-normal quantiles, CFG."""
 
+import json
 import math
 from functools import partial
 from statistics import NormalDist
@@ -8,9 +9,10 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from minidit import sample
+from minidit import sample, train
+from minidit.checkpoint import read_file
 from minidit.diffusion import create_diffusion
-from minidit.errors import UserError
+from minidit.errors import UserError, run_cli
 from minidit.flow import FlowMatching
 from minidit.runtime import sample_generator
 
@@ -195,3 +197,69 @@ def test_a_sampler_of_the_other_objective_is_one_line(small_dit, objective, samp
     with pytest.raises(UserError, match=f"--sampler {sampler}: this model was trained with --objective {objective}: "
                        f"choose {other}"):  # fmt: skip
         sample.generate(small_dit, torch.tensor([1]), num_steps=2, objective=objective, sampler=sampler)
+
+
+# --------------------------------------------------------------------------
+# python -m minidit.train --objective flow, and python -m minidit.sample on its run
+# --------------------------------------------------------------------------
+
+FLOW = [
+    "--objective", "flow", "--model", "DiT-Ti/8", "--global-batch-size", "8", "--max-steps", "4", "--log-every", "2",
+    "--ckpt-every", "2", "--sample-every", "0", "--sample-steps", "3", "--samples-per-class", "1",
+    "--eval-samples", "0", "--warmup-steps", "2", "--device", "cpu",
+]  # fmt: skip
+
+
+def last_state(run_dir):
+    return read_file(run_dir / "checkpoints" / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("flow") / "full"
+    assert train.main([*FLOW, "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_train_objective_flow_records_it_and_learns_the_velocity_loss(flow_run):
+    state = last_state(flow_run)
+    assert state["config"]["objective"] == "flow" and state["config"]["t_sampling"] == "uniform"
+    rows = [json.loads(r) for r in (flow_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["vb"] == 0 and math.isfinite(r["loss"]) and r["loss"] == r["mse"] for r in rows)
+
+
+def test_a_flow_run_resumes_bit_exactly(flow_run, tmp_path):
+    part = tmp_path / "part"
+    assert train.main([*FLOW, "--run-dir", str(part), "--max-steps", "2"]) == 0
+    assert last_state(part)["step"] == 2
+    assert train.main([*FLOW, "--run-dir", str(part)]) == 0  # --max-steps 4 again: continues
+    a, b = last_state(flow_run), last_state(part)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    opt_a, opt_b = a["opt"]["state"], b["opt"]["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
+
+
+def test_logit_normal_training_times_change_what_is_trained(flow_run, tmp_path):
+    other = tmp_path / "ln"
+    assert train.main([*FLOW, "--run-dir", str(other), "--t-sampling", "logit-normal"]) == 0
+    assert last_state(other)["config"]["t_sampling"] == "logit-normal"
+    a, b = last_state(flow_run)["model"], last_state(other)["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampling_a_flow_run_through_the_cli(flow_run, capsys):
+    for sampler in ("euler", "heun"):
+        args = ["--ckpt", str(flow_run), "--classes", "0,3", "--per-class", "1", "--num-steps", "3", "--device", "cpu"]
+        assert sample.main([*args, "--sampler", sampler]) == 0
+        assert (flow_run / "samples" / f"grid_cfg4_{sampler}3_seed0.png").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_diffusion_sampler_on_a_flow_run_is_one_line(flow_run, sampler, capsys):
+    args = ["--ckpt", str(flow_run), "--num-steps", "3", "--device", "cpu", "--sampler", sampler]
+    assert run_cli(sample.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flow" in err and "euler" in err and "heun" in err
