@@ -263,3 +263,16 @@ def test_a_diffusion_sampler_on_a_flow_run_is_one_line(flow_run, sampler, capsys
     assert run_cli(sample.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "flow" in err and "euler" in err and "heun" in err
+
+
+def test_the_trainer_draws_its_grids_with_the_runs_objective(tmp_path, monkeypatch):
+    calls, real = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    assert train.main([*FLOW, "--run-dir", str(tmp_path / "r"), "--max-steps", "1"]) == 0
+    assert calls and all(k["objective"] == "flow" for k in calls)
+
+
+def test_guiding_some_channels_of_a_flow_run_is_one_line(flow_run, capsys):
+    args = ["--ckpt", str(flow_run), "--num-steps", "3", "--device", "cpu", "--guided-channels", "3"]
+    assert run_cli(sample.main, args) == 2
+    assert capsys.readouterr().err.strip() == "error: --guided-channels 3: a flow model is guided on all its channels"
