@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from minidit import toy
-from minidit.diffusion import create_diffusion
+from minidit.diffusion import GaussianDiffusion, create_diffusion
 from minidit.model import DiT
 from minidit.runtime import Dist
 from minidit.train import ToyBatches, Trainer, batch_positions, update_ema
@@ -63,7 +63,7 @@ def _trainer_draws(seed, step, B, shape, T, p_drop):
         cfg=SimpleNamespace(global_batch_size=B, seed=seed, class_dropout_prob=p_drop, hflip=False),
         spec=SimpleNamespace(in_channels=C, input_size=H, moments=False),
         device=torch.device("cpu"),
-        diffusion=SimpleNamespace(num_timesteps=T),
+        diffusion=GaussianDiffusion(torch.full((T,), 0.01).double().numpy()),  # t's draw depends on T only
     )
     t, noise, drop, _, _ = Trainer.step_noise(me, step)
     return t, noise, drop
