@@ -91,7 +91,7 @@ def _extract(arr: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return out.view(-1, *([1] * (ndim - 1)))
 
 
-def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the batch: [B, ...] -> [B]."""
     return x.mean(dim=list(range(1, x.ndim)))
 
@@ -274,9 +274,9 @@ class GaussianDiffusion:
         for t > 0, and the discretised decoder NLL -log p(x_0 | x_1) at t = 0."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(None, x_t, t, model_output=model_output)
-        kl = _mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
-        nll = _mean_flat(nll) / math.log(2.0)
+        nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(
@@ -305,7 +305,7 @@ class GaussianDiffusion:
             vb = self._vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x_start, x_t, t)
         else:
             eps, vb = model_output, torch.zeros(x_start.shape[0], device=x_start.device)
-        mse = _mean_flat((noise - eps) ** 2)
+        mse = mean_flat((noise - eps) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # -- sampling -------------------------------------------------------------------------

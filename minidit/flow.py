@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .diffusion import Generators, Model, _mean_flat, randn
+from .diffusion import Generators, Model, mean_flat, randn
 
 #: How training draws t: ``uniform`` on [0, 1), or ``logit-normal`` (SD3 §3.1: t = sigmoid(n), n ~ N(m, s^2)).
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -111,7 +111,7 @@ class FlowMatching:
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        mse = _mean_flat((self.velocity(model, x_t, t, model_kwargs) - (noise - x_start)) ** 2)
+        mse = mean_flat((self.velocity(model, x_t, t, model_kwargs) - (noise - x_start)) ** 2)
         return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
 
     # -- sampling -------------------------------------------------------------------------
