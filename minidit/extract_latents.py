@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import LATENTS_FORMAT, LATENTS_VERSION, POSTERIORS, ImageFolderDataset, shard_layout, shard_name
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .fileio import atomic_write, read_json, write_json
 from .runtime import resolve_device, shard_generator
 from .vae import SCALE, downsample_factor, load_vae, posterior_moments, resolve_vae, sample_posterior
@@ -73,7 +73,7 @@ SETTINGS = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m minidit.extract_latents",
         description="Encode an image folder (one subfolder per class) into sharded SD-VAE latents for training.",
     )

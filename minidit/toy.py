@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, positive_int, run_cli
+from .errors import ArgumentParser, UserError, positive_int, run_cli
 
 SHAPES = ["circle", "square", "triangle", "plus", "ring"]
 COLOURS = {"red": (0.90, 0.16, 0.12), "blue": (0.16, 0.42, 0.96)}  # RGB in [0, 1]
@@ -562,7 +562,7 @@ def _check_writable(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minidit.toy", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m minidit.toy", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train-classifier", help="train the toy classifier and save its weights")

@@ -17,7 +17,6 @@ with it unchanged.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError, positive_int, run_cli
+from .errors import ArgumentParser, UserError, positive_int, run_cli
 
 #: The latent scale factor of the SD VAE (``vae.config.scaling_factor``), as the reference hard-codes it.
 SCALE = 0.18215
@@ -278,7 +277,7 @@ def train_toy_vae(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minidit.vae", description="The toy VAE (--vae toy).")
+    parser = ArgumentParser(prog="python -m minidit.vae", description="The toy VAE (--vae toy).")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train-toy", help="train the toy VAE on 32 px toy shapes and save it")
     train.add_argument("--steps", type=positive_int, default=700, help="optimizer steps (default 700)")

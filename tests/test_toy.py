@@ -310,13 +310,13 @@ def test_train_classifier_cli_end_to_end(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        toy.main(["train-classifier", "--steps", "0"])
-    assert e.value.code == 2
-    assert "--steps: must be at least 1" in capsys.readouterr().err.strip().splitlines()[-1]
-    with pytest.raises(SystemExit):
-        toy.main(["train-classifier", "--out", str(tmp_path / "clf.pt")])
+    assert run_cli(toy.main, ["train-classifier", "--steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--steps: must be at least 1" in err[0]
+    assert run_cli(toy.main, ["train-classifier", "--out", str(tmp_path / "clf.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+    assert run_cli(toy.main, ["train-classifer"]) == 2  # a misspelled command: one line, with a suggestion
+    assert "train-classifier" in capsys.readouterr().err
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     assert run_cli(toy.main, ["preview", "--out", str(not_a_dir / "x.png")]) == 2
