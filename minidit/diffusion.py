@@ -129,6 +129,25 @@ def randn(shape: Sequence[int], generator: Generators, device=None, dtype=None) 
     return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
 
+def initial_noise(model: Model, shape: Sequence[int], noise: torch.Tensor | None, generator: Generators, device=None):
+    """Where a sampling loop starts: ``noise`` if given, else N(0, I) of ``shape`` from ``generator`` on
+    ``device`` (default: the model's, or the CPU for a plain function)."""
+    if noise is not None:
+        return noise
+    if device is None:
+        device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    return randn(shape, generator, device)
+
+
+def with_progress(steps: Iterable[int], progress: bool) -> Iterable[int]:
+    """``steps``, behind a tqdm bar when ``progress``."""
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="sampling", leave=False)
+
+
 # --------------------------------------------------------------------------
 # The diffusion process
 # --------------------------------------------------------------------------
@@ -359,17 +378,8 @@ class GaussianDiffusion:
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def _loop(self, step, model, shape, noise, model_kwargs, progress, generator, device, **kw) -> torch.Tensor:
-        if device is None:
-            device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-            if noise is not None:
-                device = noise.device
-        img = noise if noise is not None else self._randn(shape, None, generator, device)
-        indices: Iterable[int] = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices, desc="sampling", leave=False)
-        for i in indices:
+        img = initial_noise(model, shape, noise, generator, device)
+        for i in with_progress(range(self.num_timesteps - 1, -1, -1), progress):
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
                 img = step(model, img, t, model_kwargs=model_kwargs, generator=generator, **kw)["sample"]

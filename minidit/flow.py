@@ -24,12 +24,13 @@ on RGB pixels, and guiding only part of a velocity would mix two different flows
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from functools import partialmethod
 from typing import Any
 
 import torch
 
-from .diffusion import Generators, Model, mean_flat, randn
+from .diffusion import Generators, Model, initial_noise, mean_flat, with_progress
 
 #: How training draws t: ``uniform`` on [0, 1), or ``logit-normal`` (SD3 §3.1: t = sigmoid(n), n ~ N(m, s^2)).
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -128,52 +129,30 @@ class FlowMatching:
         v_next = self.velocity(model, x + h * v, t_next, model_kwargs, clip_denoised)
         return x + h * (v + v_next) / 2
 
-    def _loop(self, step, model, shape, noise, model_kwargs, progress, generator, device, clip_denoised):
-        if noise is not None:
-            device = noise.device
-        elif device is None:
-            device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-        x = noise if noise is not None else randn(shape, generator, device)
-        N = self.num_timesteps
-        indices: Iterable[int] = range(N)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices, desc="sampling", leave=False)
-        for i in indices:  # t = 1 - i/N -> 1 - (i+1)/N
+    def sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        progress: bool = False,
+        generator: Generators = None,
+        device: torch.device | str | None = None,
+        clip_denoised: bool = False,
+        sampler: str = "euler",
+    ) -> torch.Tensor:
+        """Solve the ODE from x_1 = ``noise`` (or N(0, I) from ``generator``: one per sample, as the diffusion
+        loops) down to x_0: [*shape], with ``sampler`` "euler" (``num_timesteps`` model calls) or "heun" (second
+        order, 2 ``num_timesteps`` calls, as SiT's ODE sampler). Deterministic: only x_1 is random."""
+        step = {"euler": self.euler_step, "heun": self.heun_step}[sampler]
+        x, N = initial_noise(model, shape, noise, generator, device), self.num_timesteps
+        for i in with_progress(range(N), progress):  # t = 1 - i/N -> 1 - (i+1)/N
             t = torch.full((shape[0],), 1 - i / N, device=x.device)
             t_next = torch.full((shape[0],), 1 - (i + 1) / N, device=x.device)
             with torch.no_grad():
                 x = step(model, x, t, t_next, model_kwargs, clip_denoised)
         return x
 
-    def euler_sample_loop(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        noise: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        progress: bool = False,
-        generator: Generators = None,
-        device: torch.device | str | None = None,
-        clip_denoised: bool = False,
-    ) -> torch.Tensor:
-        """Euler from x_1 = ``noise`` (or N(0, I) from ``generator``: one per sample, as the diffusion loops)
-        down to x_0: [*shape], ``num_timesteps`` model calls. The ODE is deterministic: only x_1 is random."""
-        return self._loop(
-            self.euler_step, model, shape, noise, model_kwargs, progress, generator, device, clip_denoised
-        )
-
-    def heun_sample_loop(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        noise: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        progress: bool = False,
-        generator: Generators = None,
-        device: torch.device | str | None = None,
-        clip_denoised: bool = False,
-    ) -> torch.Tensor:
-        """Heun from x_1 down to x_0: [*shape], 2 ``num_timesteps`` model calls (second order, as SiT's ODE sampler)."""
-        return self._loop(self.heun_step, model, shape, noise, model_kwargs, progress, generator, device, clip_denoised)
+    #: ``sample_loop`` with Euler, and with Heun (the names the diffusion's ``p_sample_loop`` goes by).
+    euler_sample_loop = partialmethod(sample_loop, sampler="euler")
+    heun_sample_loop = partialmethod(sample_loop, sampler="heun")
