@@ -33,10 +33,10 @@ from .errors import ArgumentParser, UserError, positive_int, run_cli
 from .evaluate import toy_metrics
 from .fileio import read_json, write_json, write_text
 from .model import DiT
-from .runtime import cpu_threads, dist_from_env, step_generator
+from .runtime import cpu_threads, dist_from_env
 from .sample import generate
 from .stats import model_stats
-from .train import ToyBatches, make_optimizer, train_step
+from .train import ToyBatches, make_optimizer, step_noise, train_step, warmup_lr
 
 #: The default sweep: pairs at equal params and different patch (Gflops x4 per halving), and pairs at similar
 #: Gflops with params 4-13x apart (w64-d4-p2 / w128-d4-p4 / w192-d6-p8; w64-d2-p2 / w128-d2-p4).
@@ -93,14 +93,10 @@ def train_config(name: str, steps: int, cfg: config.TrainConfig, eval_samples: i
     losses = torch.zeros(steps)
     model.train()
     for step in tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True, leave=False):
-        g = step_generator(cfg.seed, step)  # the trainer's draws, in its order: t, noise, label drops
         x, y = next(batches)
-        t = torch.randint(0, diffusion.num_timesteps, (G,), generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        drop = (torch.rand(G, generator=g) < cfg.class_dropout_prob).long()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        sums = train_step(model, model, ema, opt, diffusion, [(x, y, t, noise, drop)], accum=1, lr=lr,
-                          ema_decay=cfg.ema_decay)  # fmt: skip
+        t, noise, drop, _, _ = step_noise(cfg, diffusion, tuple(x.shape), step, device)  # the trainer's draws
+        sums = train_step(model, model, ema, opt, diffusion, [(x, y, t, noise, drop)], accum=1,
+                          lr=warmup_lr(cfg, step), ema_decay=cfg.ema_decay)  # fmt: skip
         losses[step] = sums[0] / G
     if not torch.isfinite(losses).all():
         raise UserError(f"{name}: the loss became NaN/inf at step {int((~torch.isfinite(losses)).nonzero()[0])}")

@@ -230,6 +230,28 @@ def make_objective(cfg: config.TrainConfig) -> GaussianDiffusion | FlowMatching:
     return create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
 
 
+def step_noise(cfg: config.TrainConfig, objective, shape: tuple[int, ...], step: int, device, moments: bool = False):
+    """Every random number of ``step`` for the whole global batch of ``shape`` [G, C, I, I], from one generator
+    keyed by (seed, step), in this order: t [G] (``objective.sample_timesteps``: ddpm one randint, flow one rand or
+    randn), noise [G, C, I, I], label drops [G] (long), flips [G] (bool) and, for latents stored as posterior
+    moments, the noise of each image's fresh posterior sample (drawn last, so the draws before it stay those of
+    runs on frozen latents; None otherwise)."""
+    G = shape[0]
+    g = step_generator(cfg.seed, step, device)
+    t = objective.sample_timesteps(G, g, device)
+    noise = torch.randn(shape, generator=g, device=device)
+    drop = torch.rand(G, generator=g, device=device) < cfg.class_dropout_prob
+    flip = torch.rand(G, generator=g, device=device) < (0.5 if cfg.hflip else 0.0)
+    eps_z = torch.randn(shape, generator=g, device=device) if moments else None
+    return t, noise, drop.long(), flip, eps_z
+
+
+def warmup_lr(cfg: config.TrainConfig, step: int) -> float:
+    """The learning rate of ``step``: linear warm-up over ``warmup_steps``, then constant (the reference: constant)."""
+    w = cfg.warmup_steps
+    return cfg.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.lr
+
+
 def train_step(
     net: nn.Module,
     model: DiT,
@@ -477,21 +499,13 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
 
     def step_noise(self, step: int):
-        """Timesteps, noise, label drops and flips for the whole global batch of ``step``."""
-        G, s = self.cfg.global_batch_size, self.spec
-        g = step_generator(self.cfg.seed, step, self.device)
-        t = self.diffusion.sample_timesteps(G, g, self.device)  # ddpm: one randint; flow: one rand or randn
-        noise = torch.randn((G, s.in_channels, s.input_size, s.input_size), generator=g, device=self.device)
-        drop = torch.rand(G, generator=g, device=self.device) < self.cfg.class_dropout_prob
-        flip = torch.rand(G, generator=g, device=self.device) < (0.5 if self.cfg.hflip else 0.0)
-        # posterior moments: the noise of each image's fresh posterior sample (drawn last: the draws above
-        # stay those of runs on frozen latents)
-        eps_z = torch.randn(noise.shape, generator=g, device=self.device) if s.moments else None
-        return t, noise, drop.long(), flip, eps_z
+        """``step_noise`` (below) for this run's global batch."""
+        s = self.spec
+        shape = (self.cfg.global_batch_size, s.in_channels, s.input_size, s.input_size)
+        return step_noise(self.cfg, self.diffusion, shape, step, self.device, s.moments)
 
     def lr_at(self, step: int) -> float:
-        w = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
+        return warmup_lr(self.cfg, step)
 
     def train_step(self, step: int, batches) -> torch.Tensor:
         """One optimizer step of the run over ``accum`` micro-batches (``train_step`` below). Returns the
