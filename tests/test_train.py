@@ -725,3 +725,14 @@ def test_training_drops_ten_percent_of_labels_to_the_null_class_and_flips_half_t
     for preset in ("cifar10", "imagenet256-xl2"):  # the reference recipe: both on by default
         cfg = C.build_config(preset)
         assert cfg.class_dropout_prob == 0.1 and cfg.hflip, preset
+
+
+def test_output_piped_into_head_is_not_a_traceback(tmp_path):
+    """`python -m minidit.X ... | head -1`: the reader closes the pipe before the CLI is done writing (here 1 MB,
+    more than a pipe holds): run_cli ends quietly, no BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    write = "lambda a: print('x' * 99 + chr(10)) or print('y' * 1_000_000)"
+    script = f"import sys; from minidit.errors import run_cli; sys.exit(run_cli({write}))"
+    cmd = f'{sys.executable} -c "{script}" | head -1'
+    out = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.stdout.startswith("x") and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
