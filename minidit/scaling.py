@@ -28,15 +28,14 @@ import torch
 
 from . import config, toy
 from .bench import describe_device
-from .diffusion import create_diffusion
 from .errors import ArgumentParser, UserError, positive_int, run_cli
 from .evaluate import toy_metrics
 from .fileio import read_json, write_json, write_text
 from .model import DiT
-from .runtime import cpu_threads, dist_from_env
+from .runtime import available_cpus, cpu_threads, dist_from_env
 from .sample import generate
 from .stats import model_stats
-from .train import ToyBatches, make_optimizer, step_noise, train_step, warmup_lr
+from .train import ToyBatches, make_objective, make_optimizer, step_noise, train_step, warmup_lr
 
 #: The default sweep: pairs at equal params and different patch (Gflops x4 per halving), and pairs at similar
 #: Gflops with params 4-13x apart (w64-d4-p2 / w128-d4-p4 / w192-d6-p8; w64-d2-p2 / w128-d2-p4).
@@ -87,7 +86,7 @@ def train_config(name: str, steps: int, cfg: config.TrainConfig, eval_samples: i
     model = build(name, cfg)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay, device)
-    diffusion = create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
+    diffusion = make_objective(cfg)
     batches = iter(ToyBatches(cfg, dist_from_env(), micro=G, accum=1, start_step=0))
     tail, chunk = max(1, steps // 10), max(1, steps // 20)  # loss: mean of the last 10%; curve: 20 points
     losses = torch.zeros(steps)
@@ -128,7 +127,7 @@ def run(names: list[str], steps: int, out: Path, seed: int, eval_samples: int, c
             raise UserError(f"{out} holds a sweep with {result.get('settings')}, not {settings}; "
                             "pass the same settings to resume, or --out NEW.json")  # fmt: skip
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = available_cpus()
         result = {"command": command, "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                   "machine": describe_device(torch.device("cpu")), "cores": cores, "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "settings": settings,

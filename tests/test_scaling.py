@@ -80,7 +80,7 @@ def test_heldout_loss_is_fixed_and_tracks_the_weights():
     cfg = scaling.recipe(0)
     torch.manual_seed(0)
     model = scaling.build("w32-d1-p8", cfg)
-    diffusion = scaling.create_diffusion("", cfg.noise_schedule, cfg.learn_sigma, cfg.diffusion_steps)
+    diffusion = scaling.make_objective(cfg)
     first = scaling.heldout_loss(model, cfg, diffusion)
     assert scaling.heldout_loss(model, cfg, diffusion) == first
     with torch.no_grad():
