@@ -168,7 +168,7 @@ class TrainStep:
     def batch(self) -> tuple[torch.Tensor, ...]:
         """(x0, y, t, noise, drop) on the device; drop None for the reference (the model's own coin flips)."""
         B, dev = self.x.shape[0], self.device
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=dev)
+        t = self.diffusion.sample_timesteps(B, device=dev)  # the trainer's draw of t
         drop = None if self.row.reference else (torch.rand(B, device=dev) < self.model.y_embedder.dropout_prob).long()
         return self.x, self.y, t, torch.randn_like(self.x), drop
 
