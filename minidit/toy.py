@@ -70,6 +70,12 @@ TRAIN_SEED = 0  # the data seed the shipped classifier was trained on
 DEFAULT_DIT = DEFAULT_CLASSIFIER.parent / "toy_dit.safetensors"
 #: How data/toy_dit.safetensors is made (the default toy config, seed 0); data/README.md records the run.
 DIT_COMMAND = "python -m minidit.train --run-dir runs/toy && python -m minidit.toy export-dit runs/toy"
+#: The same recipe trained with the flow-matching objective (lesson 11); data/README.md records the run.
+DEFAULT_FLOW_DIT = DEFAULT_CLASSIFIER.parent / "toy_flow_dit.safetensors"
+FLOW_DIT_COMMAND = (
+    "python -m minidit.train --objective flow --run-dir runs/toy-flow"
+    " && python -m minidit.toy export-dit runs/toy-flow --out data/toy_flow_dit.safetensors"
+)
 
 
 # --------------------------------------------------------------------------
@@ -515,8 +521,9 @@ def export_dit(run_dir: str | os.PathLike, out: str | os.PathLike = DEFAULT_DIT)
     return Path(out)
 
 
-def load_toy_dit(path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
-    """The shipped toy DiT (default ``data/toy_dit.safetensors``) in eval mode, float32, and its training
+def load_toy_dit(path: str | os.PathLike | None = None, *, flow: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The shipped toy DiT (default ``data/toy_dit.safetensors``; with ``flow=True`` the flow-matching one,
+    ``data/toy_flow_dit.safetensors``, ``config["objective"] == "flow"``) in eval mode, float32, and its training
     config (``config["noise_schedule"]``, ``config["diffusion_steps"]``, ``config["image_size"]``,
     ``config["class_names"]``, ...).
 
@@ -527,16 +534,17 @@ def load_toy_dit(path: str | os.PathLike | None = None) -> tuple[torch.nn.Module
     ``UserError`` naming the command that makes it."""
     from .checkpoint import CheckpointError, model_from_state_dict, read_checkpoint
 
-    path = Path(path) if path is not None else DEFAULT_DIT
+    path = Path(path) if path is not None else DEFAULT_FLOW_DIT if flow else DEFAULT_DIT
+    command = FLOW_DIT_COMMAND if flow else DIT_COMMAND
     if not path.is_file():
-        raise UserError(f"no toy DiT at {path}: make one with `{DIT_COMMAND}` (about 8 minutes on 2 idle CPU cores)")
+        raise UserError(f"no toy DiT at {path}: make one with `{command}` (about 8 minutes on 2 idle CPU cores)")
     try:
         sd, meta = read_checkpoint(path)
         if meta["train_config"] is None:
             raise CheckpointError("no training config in its metadata")
         model = model_from_state_dict({k: v.float() for k, v in sd.items()}, str(path), **meta["dit"])
     except CheckpointError as e:
-        raise UserError(f"{path} is not a toy DiT file ({e}): make one with `{DIT_COMMAND}`") from None
+        raise UserError(f"{path} is not a toy DiT file ({e}): make one with `{command}`") from None
     return model, {**meta["train_config"], "class_names": meta["class_names"] or CLASS_NAMES}
 
 

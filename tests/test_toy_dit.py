@@ -50,3 +50,19 @@ def test_missing_or_foreign_toy_dit_is_one_line(tmp_path):
     save_file({k: v.contiguous() for k, v in load_file(str(toy.DEFAULT_DIT)).items()}, str(foreign))  # no config
     with pytest.raises(UserError, match="not a toy DiT file"):
         toy.load_toy_dit(foreign)
+
+
+def test_shipped_flow_toy_dit_is_a_flow_run_that_draws_its_classes():
+    """data/toy_flow_dit.safetensors (lesson 11): the toy recipe trained with ``--objective flow``."""
+    model, config = toy.load_toy_dit(flow=True)
+    assert (config["objective"], config["model"], config["max_steps"]) == ("flow", "DiT-Ti/4", 6000)
+    assert toy.DEFAULT_FLOW_DIT.stat().st_size < 5 * 2**20
+    labels = torch.arange(toy.NUM_CLASSES)
+    x = generate(model, labels, cfg_scale=4.0, num_steps=10, sampler="euler", seed=0, objective="flow")
+    assert x.shape == (10, 3, 16, 16) and x.abs().max() < 1.5
+    assert (toy.classify(x) == labels).float().mean() >= 0.9
+
+
+def test_missing_flow_toy_dit_names_the_flow_command(tmp_path):
+    with pytest.raises(UserError, match="--objective flow"):
+        toy.load_toy_dit(tmp_path / "none.safetensors", flow=True)
