@@ -161,7 +161,17 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(np.argsort(np.argsort(x)), np.argsort(np.argsort(y)))[0, 1])
 
 
-def load_results(path: str) -> dict[str, Any]:
+#: The committed sweep (benchmarks/results/, next to the package in a checkout; absent from a wheel).
+COMMITTED_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scaling-2026-12-01.json"
+
+
+def load_results(path: str | Path | None = None) -> dict[str, Any]:
+    """A results file of ``python -m minidit.scaling run``; by default the committed sweep (COMMITTED_RESULTS)."""
+    if path is None:
+        path = COMMITTED_RESULTS
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the committed sweep ships with the repository, not with a wheel; "
+                            "clone https://github.com/minidit/minidit or pass the path of a results file")  # fmt: skip
     result = read_json(path, hint="expected a results file of `python -m minidit.scaling run`")
     if not isinstance(result.get("runs"), list) or not result["runs"]:
         raise UserError(f"{path}: holds no runs of `python -m minidit.scaling run`")

@@ -150,3 +150,13 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_load_results_defaults_to_the_committed_sweep(tmp_path, monkeypatch):
+    result = scaling.load_results()  # the file benchmarks/results/ ships (lesson 10 reads it this way)
+    assert scaling.COMMITTED_RESULTS.name == "scaling-2026-12-01.json"
+    assert [r["name"] for r in result["runs"]] == scaling.DEFAULT_CONFIGS.split(",")
+    assert result["settings"]["steps"] == 1200 and result["command"].startswith("python -m minidit.scaling run")
+    monkeypatch.setattr(scaling, "COMMITTED_RESULTS", tmp_path / "absent.json")  # a wheel has no benchmarks/
+    with pytest.raises(UserError, match="absent.json is missing: the committed sweep ships with the repository"):
+        scaling.load_results()
