@@ -118,8 +118,8 @@ def random_words(indices: torch.Tensor, seed: int, count: int) -> torch.Tensor:
     return _mix64(state[:, None] + steps)  # int64 addition wraps too
 
 
-def _uniform(words: torch.Tensor) -> torch.Tensor:
-    """Random words -> float32 uniform in [0, 1): the top 24 bits, which float32 holds exactly."""
+def uniform(words: torch.Tensor) -> torch.Tensor:
+    """Random words (``random_words``) -> float32 uniform in [0, 1): the top 24 bits, which float32 holds exactly."""
     return _shift_right(words, 40).to(torch.float32) / 2**24
 
 
@@ -140,7 +140,7 @@ def sample_params(indices: torch.Tensor, seed: int = 0, max_rotation: float = MA
     - ``colour`` float32 [N, 3]: RGB in [0, 1].
     """
     words = random_words(indices, seed, count=8)
-    u = _uniform(words)  # [N, 8] uniform floats; column k is the k-th draw of each image
+    u = uniform(words)  # [N, 8] uniform floats; column k is the k-th draw of each image
     label = _shift_right(words[:, 0], 1) % NUM_CLASSES
 
     lo, hi = RADIUS_RANGE
