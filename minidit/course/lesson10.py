@@ -142,10 +142,10 @@ def _compute_hint(got: float, model: str, steps: int, batch_size: int, image_siz
     want = reference_training_compute(model, steps, batch_size, image_size)
     per_step = _gmacs(model, image_size // 8) * batch_size * steps
     known = [
-        (2 * want, "that is twice the answer: you counted FLOPs (ModelStats.gflops is 2 per MAC). The paper's "
-         "'Gflops' are multiply-accumulates: ModelStats.gmacs."),
-        (6 * want, "that is 6x the answer: ModelStats.train_gflops is in FLOPs (2 per MAC, times 3). The paper's "
-         "Gflops are MACs: 3 x gmacs per training image."),
+        (2 * want, "that is twice the answer: you counted FLOPs (ModelStats.gflops and .train_gflops count 2 per "
+         "MAC). The paper's 'Gflops' are multiply-accumulates: ModelStats.gmacs."),
+        (6 * want, "that is 6x the answer: ModelStats.train_gflops already includes the factor 3, and counts FLOPs "
+         "(2 per MAC). The paper's Gflops are MACs: 3 x gmacs per training image."),
         (want / 3, "that is one forward pass per image: a training step costs about 3 (the backward pass is about "
          "twice the forward), so multiply by 3."),
         (2 * per_step, "you counted 2 forwards per training image: the backward pass is about twice the forward, "
