@@ -70,8 +70,8 @@ COLOURS = list(toy.COLOURS)  # ["red", "blue"]: toy's colours
 VIDEO_SHAPES = ["circle", "square"]  # drawn by toy's renderer; not part of the label
 CLASS_NAMES: list[str] = [f"{colour} moving {direction}" for colour in COLOURS for direction in DIRECTIONS]
 NUM_CLASSES = len(CLASS_NAMES)  # 8; class = colour_index * 4 + direction_index
-RADIUS_RANGE = (0.25, 0.40)  # circumradius, in units of half the image side (2-3.2 px at 16 px)
-TRAVEL_RANGE = (0.50, 0.80)  # distance covered from the first frame to the last (4-6.4 px at 16 px)
+RADIUS_RANGE = (0.40, 0.55)  # circumradius, in units of half the image side (3.2-4.4 px at 16 px)
+TRAVEL_RANGE = (0.45, 0.70)  # distance covered from the first frame to the last (3.6-5.6 px at 16 px)
 
 
 def video_params(seed: int, indices: torch.Tensor, frames: int = 8) -> dict[str, torch.Tensor]:
@@ -397,7 +397,7 @@ def area_stability(videos: torch.Tensor) -> torch.Tensor:
     return mass.amin(dim=1) / mass.amax(dim=1).clamp(min=1e-6)
 
 
-def score(videos: torch.Tensor, labels: torch.Tensor, min_stability: float = 0.7, max_spread: float = 0.2) -> dict:
+def score(videos: torch.Tensor, labels: torch.Tensor, min_stability: float = 0.7, max_spread: float = 0.25) -> dict:
     """How many videos show what was asked: videos [B, 3, F, H, W] in [-1, 1], labels [B] -> a dict of
     ``direction`` (fraction moving the asked way), ``colour`` (fraction of the asked colour), ``both``,
     ``coherent`` (fraction that look like one moving shape: in every frame the foreground mass is at least
@@ -434,7 +434,7 @@ VIDEO_COMMAND = (
 #: The training recipe (``train --help`` shows each): the model's arguments, then the optimisation.
 DEFAULTS = dict(
     frames=8, image_size=16, tubelet=2, patch_size=4, hidden_size=128, depth=4, num_heads=4,
-    class_dropout_prob=0.1, steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+    class_dropout_prob=0.1, steps=3000, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.995,
     seed=0, data_seed=0, save_every=100, log_every=25,
 )  # fmt: skip
 MODEL_KEYS = (
