@@ -350,13 +350,14 @@ _PARAMS_CASES = [(2, 8), (3, 12), (28, 1152)]
 
 
 def adaln_counts(depth: int, D: int) -> tuple[int, int]:
-    """The adaLN parameters of ``depth`` blocks of width D, counted on the package's modules (meta device):
-    (DiT's adaLN-Zero: every ``DiTBlock.adaLN_modulation``; PixArt-α's adaLN-single: the shared ``t_block``
-    SiLU + Linear(D, 6D), as ``CaptionDiT`` builds it, plus every ``PixArtBlock.scale_shift_table``)."""
+    """The adaLN parameters of ``depth`` blocks of width D, counted on the package's modules: (DiT's adaLN-Zero:
+    every ``DiTBlock.adaLN_modulation``; PixArt-α's adaLN-single: the shared ``t_block`` SiLU + Linear(D, 6D), as
+    ``CaptionDiT`` builds it, plus every ``PixArtBlock.scale_shift_table``). The DiT block and ``t_block`` are built
+    on the meta device (no memory); the PixArt block on the CPU (its random table is slow to draw on meta)."""
     with torch.device("meta"):
         dit = DiTBlock(D, 1)
-        pixart = PixArtBlock(D, 1)
         t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+    pixart = PixArtBlock(D, 1, mlp_ratio=1.0)
     zero = depth * sum(p.numel() for p in dit.adaLN_modulation.parameters())
     single = sum(p.numel() for p in t_block.parameters()) + depth * pixart.scale_shift_table.numel()
     return zero, single
