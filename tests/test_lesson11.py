@@ -82,7 +82,7 @@ def velocity(model, x, t, feed="1000t", channels="first"):
     C = x.shape[1]
     s = {"1000t": 1000 * t, "t": t, "rounded": (1000 * t).round(), "1-t": 1000 * (1 - t)}[feed]
     out = model(x, s)
-    return out[:, :C] if channels == "first" else out[:, C:]
+    return {"first": out[:, :C], "last": out[:, C:], "three": out[:, :3]}[channels]
 
 
 def euler_step(model, x, t, t_next, feed="1000t", direction=1, dt=True, channels="first", dtype=None, at="t"):
@@ -100,6 +100,7 @@ EULER_MISTAKES = {
     "dt sign": (dict(direction=-1), "the step goes the wrong way"),
     "no step size": (dict(dt=False), "without the step size"),
     "variance channels": (dict(channels="last"), "the FIRST C channels"),
+    "C hard-coded to 3": (dict(channels="three"), "take the first C of the model's output, not 3"),
     "float64 result": (dict(dtype=torch.float64), "keep the images' dtype"),
 }
 
@@ -140,13 +141,13 @@ HEUN = "11.3 (heun_step)"
 
 
 def heun_step(model, x, t, t_next, feed="1000t", second_time="t_next", second_at="euler", combine="mean",
-              direction=1, euler_at_end=False, dtype=None):  # fmt: skip
+              direction=1, euler_at_end=False, dtype=None, channels="first"):  # fmt: skip
     h = col(t_next - t, x)
-    v = velocity(model, x, t, feed)
+    v = velocity(model, x, t, feed, channels)
     if euler_at_end and bool((t_next == 0).all()):
         return x + h * v
     guess = x + direction * h * v
-    v2 = velocity(model, guess if second_at == "euler" else x, t_next if second_time == "t_next" else t, feed)
+    v2 = velocity(model, guess if second_at == "euler" else x, t_next if second_time == "t_next" else t, feed, channels)
     slope = {"mean": (v + v2) / 2, "sum": v + v2, "second": v2, "guess": None}[combine]
     out = guess if combine == "guess" else x + direction * h * slope
     return out if dtype is None else out.to(dtype)
@@ -162,6 +163,7 @@ HEUN_MISTAKES = {
     "dt sign": (dict(direction=-1), "the wrong way"),
     "Euler at the last step": (dict(euler_at_end=True), "at the last step (t_next = 0)"),
     "float64 result": (dict(dtype=torch.float64), "keep the images' dtype"),
+    "C hard-coded to 3": (dict(channels="three"), "take the first C of the model's output, not 3"),
 }
 
 
