@@ -49,6 +49,10 @@ class _Field:
         return self(x.double(), 1000 * t.double())[:, : x.shape[1]]
 
 
+def _fmt(values: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values.tolist()) + "]"
+
+
 def _fed_time_check(ex: str, got: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, which: str) -> None:
     """The time fed to the model must be 1000 t (a float tensor [B]); name the usual slips."""
     got = torch.as_tensor(got)
@@ -70,7 +74,7 @@ def _fed_time_check(ex: str, got: torch.Tensor, t: torch.Tensor, t_next: torch.T
         hint = "keep 1000 · t a float (no rounding to an integer step): training drew t continuously."
     else:
         hint = "it should see 1000 · t."
-    checks.fail(ex, f"{which}: the model was fed {g.tolist()}, expected 1000 · t = {expected.tolist()}: {hint}")
+    checks.fail(ex, f"{which}: the model was fed {_fmt(g)}, expected 1000 · t = {_fmt(expected)}: {hint}")
 
 
 # --------------------------------------------------------------------------
@@ -235,8 +239,8 @@ def check_heun_step(fn) -> None:
             checks.fail(ex, "the second slope was taken at time t: the Euler guess x' = x + (t_next - t) v is a "
                         "point at t_next, so evaluate the velocity there, model(x', 1000 · t_next).")  # fmt: skip
         if not (tuple(s2.shape) == tuple(t.shape) and torch.allclose(s2, 1000 * t_next.double(), atol=1e-3)):
-            checks.fail(ex, f"the second slope: the model was fed {s2.tolist()}, expected 1000 · t_next = "
-                        f"{(1000 * t_next).tolist()}.")  # fmt: skip
+            checks.fail(ex, f"the second slope: the model was fed {_fmt(s2)}, expected 1000 · t_next = "
+                        f"{_fmt(1000 * t_next)}.")  # fmt: skip
         if not torch.allclose(x2.double(), euler_point, atol=1e-5):
             if torch.allclose(x2.double(), xd, atol=1e-6):
                 hint = "you evaluated it at x itself: evaluate it at the Euler guess x' = x + (t_next - t) · v_hat."
