@@ -144,12 +144,14 @@ def heun_step(model, x, t, t_next, feed="1000t", second_time="t_next", second_at
               direction=1, euler_at_end=False, dtype=None, channels="first"):  # fmt: skip
     h = col(t_next - t, x)
     v = velocity(model, x, t, feed, channels)
-    if euler_at_end and bool((t_next == 0).all()):
+    if euler_at_end == "batch" and bool((t_next == 0).all()):
         return x + h * v
     guess = x + direction * h * v
     v2 = velocity(model, guess if second_at == "euler" else x, t_next if second_time == "t_next" else t, feed, channels)
     slope = {"mean": (v + v2) / 2, "sum": v + v2, "second": v2, "guess": None}[combine]
     out = guess if combine == "guess" else x + direction * h * slope
+    if euler_at_end == "rows":
+        out = torch.where(col(t_next == 0, x).bool(), x + h * v, out)
     return out if dtype is None else out.to(dtype)
 
 
@@ -161,7 +163,8 @@ HEUN_MISTAKES = {
     "slopes summed": (dict(combine="sum"), "summed, not averaged"),
     "Euler guess returned": (dict(combine="guess"), "you returned the Euler guess"),
     "dt sign": (dict(direction=-1), "the wrong way"),
-    "Euler at the last step": (dict(euler_at_end=True), "at the last step (t_next = 0)"),
+    "Euler at the last step": (dict(euler_at_end="batch"), "at the last step (t_next = 0)"),
+    "Euler where t_next = 0, per image": (dict(euler_at_end="rows"), "at the last step (t_next = 0)"),
     "float64 result": (dict(dtype=torch.float64), "keep the images' dtype"),
     "C hard-coded to 3": (dict(channels="three"), "take the first C of the model's output, not 3"),
 }

@@ -205,6 +205,13 @@ def check_euler_step(fn) -> None:
     checks.passed(ex)
 
 
+LAST_STEP_HINT = (
+    "at the last step (t_next = 0) minidit's Heun step is a full Heun step too: the flow's velocity is defined at "
+    "t = 0 (unlike EDM's sigma = 0, where Karras et al. switch to Euler), so evaluate the second slope there as on "
+    "any other step."
+)
+
+
 def check_heun_step(fn) -> None:
     """Exercise 11.3: ``fn(model, x, t, t_next)`` -> x at t_next, one Heun step (2 model calls)."""
     ex = HEUN
@@ -216,9 +223,7 @@ def check_heun_step(fn) -> None:
         if len(model.calls) < 2:
             hint = "Heun's method evaluates the velocity twice: at (x, t), then at the Euler guess at t_next."
             if len(model.calls) == 1 and bool((t_next == 0).all()):
-                hint = ("at the last step (t_next = 0) minidit's Heun step is a full Heun step too: the flow's "
-                        "velocity is defined at t = 0 (unlike EDM's sigma = 0, where Karras et al. switch to "
-                        "Euler), so evaluate the second slope there as on any other step.")  # fmt: skip
+                hint = LAST_STEP_HINT
             checks.fail(ex, f"your step called `model` {len(model.calls)} time(s): {hint}")
         if len(model.calls) > 2:
             checks.fail(ex, f"your step called `model` {len(model.calls)} times: Heun needs exactly two velocities.")
@@ -257,6 +262,7 @@ def check_heun_step(fn) -> None:
             (xd + h * (v + v2), "the two slopes are summed, not averaged: divide by 2."),
             (euler_point, "you returned the Euler guess x': correct it with the average of the two slopes."),
             (xd - h * (v + v2) / 2, "the step goes the wrong way: dt = t_next - t is negative."),
+            (torch.where(_bcast(t_next == 0, x), euler_point, expected.double()), LAST_STEP_HINT),
         ]  # fmt: skip
         checks.expect_close(ex, got, expected, atol=1e-5, rtol=1e-5,
                             diagnose=lambda got, vs=variants: _first_match(got, vs), what="x_next")  # fmt: skip
