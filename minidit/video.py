@@ -32,7 +32,7 @@ What is simplified compared with the real systems (Sora, Open-Sora, Latte, CogVi
 
 Command line::
 
-    python -m minidit.video train --run-dir runs/video     # about 15 minutes on a busy 2-core CPU
+    python -m minidit.video train --run-dir runs/video     # 18 min measured on a busy 2-core CPU, 1 thread
     python -m minidit.video export runs/video              # -> data/toy_video_dit.safetensors
     python -m minidit.video eval                           # the shipped model's direction/colour accuracy
     python -m minidit.video preview --out video.png        # frame strips (data, or --samples)
@@ -601,7 +601,9 @@ def load_video_dit(path: str | os.PathLike | None = None) -> tuple[VideoDiT, dic
 
     path = Path(path) if path is not None else DEFAULT_VIDEO_DIT
     if not path.is_file():
-        raise UserError(f"no toy video DiT at {path}: make one with `{VIDEO_COMMAND}` (about 15 minutes on a CPU)")
+        raise UserError(
+            f"no toy video DiT at {path}: make one with `{VIDEO_COMMAND}` (18 minutes on a busy 2-core CPU)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             info = f.metadata() or {}
