@@ -488,8 +488,24 @@ def _checkpoint_path(run_dir: Path) -> Path:
 def train(run_dir: str | os.PathLike, **overrides) -> dict:
     """Train a ``VideoDiT`` on toy videos into ``run_dir`` (``config.json``, ``log.jsonl``,
     ``checkpoints/last.pt`` with model, EMA, optimizer and step, written atomically every ``save_every`` steps).
-    Running it again continues from the checkpoint; a run directory of another config is refused.
+    Running it again continues from the checkpoint; a run directory of another config is refused, and so is one
+    that another trainer is writing (``rundir.lock``, as ``python -m minidit.train``).
     Returns ``{"step", "seconds", "videos_per_s", "loss"}`` (``seconds``: this invocation's wall time)."""
+    from .rundir import lock, make_writable_dir, unlock
+
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    run_dir = Path(run_dir)
+    fd = lock(run_dir)
+    try:
+        make_writable_dir(run_dir / "checkpoints")
+        return _train_locked(run_dir, {**DEFAULTS, **overrides})
+    finally:
+        unlock(fd)
+
+
+def _train_locked(run_dir: Path, cfg: dict) -> dict:
     import copy
 
     from tqdm import tqdm
@@ -498,15 +514,6 @@ def train(run_dir: str | os.PathLike, **overrides) -> dict:
     from .fileio import read_json, write_json
     from .train import make_optimizer
 
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise UserError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **overrides}
-    run_dir = Path(run_dir)
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
     if (run_dir / "config.json").is_file():
         old = read_json(run_dir / "config.json")
         diff = {k: (old.get(k), v) for k, v in cfg.items() if k not in ("steps", "save_every", "log_every")
@@ -682,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--steps", type=positive_int, default=DEFAULTS["steps"], help=f"default {DEFAULTS['steps']}")
     tr.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="initialisation and noise seed (default 0)")
     tr.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"], help="default 32")
-    tr.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default 1e-3)")
+    tr.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"peak learning rate (default {DEFAULTS['lr']:g})")
     tr.add_argument("--depth", type=positive_int, default=DEFAULTS["depth"], help="DiT blocks (default 4)")
     tr.add_argument("--hidden-size", type=positive_int, default=DEFAULTS["hidden_size"], help="default 128")
 
@@ -706,11 +713,16 @@ def main(argv: list[str] | None = None) -> int:
     pv.add_argument("--seed", type=int, default=0, help="data or noise seed (default 0)")
 
     args = parser.parse_args(argv)
+    scale = getattr(args, "cfg_scale", 1.0)
+    if not (scale >= 0 and math.isfinite(scale)):
+        parser.error(f"--cfg-scale must be a finite number >= 0 (1: no guidance), got {scale}")
     if args.command == "train":
         overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                          depth=args.depth, hidden_size=args.hidden_size)  # fmt: skip
         if not (args.lr > 0 and math.isfinite(args.lr)):
             parser.error(f"--lr must be a positive number, got {args.lr}")
+        if args.hidden_size % 16:  # the 3-D sin-cos table's split (D/4 time, 3D/4 space) and 4 heads
+            parser.error(f"--hidden-size must be a multiple of 16, got {args.hidden_size}")
         print(f"training a video DiT on toy videos, {torch.get_num_threads()} CPU thread(s), run dir {args.run_dir}")
         result = train(args.run_dir, **overrides)
         print(f"step {result['step']}: checkpoint {_checkpoint_path(args.run_dir)}, log {args.run_dir / 'log.jsonl'}; "

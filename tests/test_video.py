@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import perturbed
 
-from minidit import embed, toy, video
+from minidit import embed, rundir, toy, video
 from minidit.errors import UserError
 from minidit.flow import FlowMatching
 
@@ -222,6 +222,12 @@ def test_training_resumes_exactly_and_exports_a_loadable_file(tmp_path):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
     with pytest.raises(UserError, match="different video run"):
         video.train(tmp_path / "a", steps=4, **{**TINY, "batch_size": 8})
+    fd = rundir.lock(tmp_path / "a")  # another trainer holds the run directory
+    try:
+        with pytest.raises(UserError, match="in use by another training process"):
+            video.train(tmp_path / "a", steps=6, **TINY)
+    finally:
+        rundir.unlock(fd)
     out = video.export_video_dit(tmp_path / "a", tmp_path / "v.safetensors")
     model, config = video.load_video_dit(out)
     assert not model.training and config["step"] == 4 and config["class_names"] == video.CLASS_NAMES
@@ -245,6 +251,10 @@ def test_cli_bad_option_and_preview(tmp_path, capsys):
 
     assert run_cli(video.main, ["train", "--stesp", "3"]) == 2
     assert "did you mean --steps" in capsys.readouterr().err
+    assert run_cli(video.main, ["eval", "--cfg-scale", "nan"]) == 2
+    assert "--cfg-scale must be a finite number" in capsys.readouterr().err
+    assert run_cli(video.main, ["train", "--hidden-size", "40", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "multiple of 16" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert run_cli(video.main, ["preview", "--out", str(tmp_path / "p.png"), "--per-class", "1"]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0
 
