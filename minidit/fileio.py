@@ -30,9 +30,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write_fn(tmp)
+        # mkstemp makes 0600, and some writers (safetensors) replace the file with a fresh 0600 one:
+        # give the finished file the permissions any other new file gets.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

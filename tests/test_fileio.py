@@ -1,9 +1,12 @@
 """minidit.fileio: atomic writes of text, JSON and .npz, and JSON read back as one line on error."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
+import torch
 
 from minidit import fileio
 from minidit.errors import UserError
@@ -41,3 +44,18 @@ def test_read_json_refuses_in_one_line_of_the_callers_error(tmp_path, text, why)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=f"^{tmp_path / 'missing.json'}: not readable JSON"):
         fileio.read_json(tmp_path / "missing.json")
+
+
+def test_written_files_get_the_umask_permissions_even_when_the_writer_recreates_them(tmp_path):
+    """safetensors' save_file replaces the temporary file with a fresh 0600 one: the result must still be
+    readable as any new file is (0644 under umask 022), not private to its owner."""
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        fileio.atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+        fileio.write_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
