@@ -610,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--cfg-scale", type=float, default=4.0)
     preview.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "preview" and args.caption and args.arch is None:
+        parser.error("--caption needs --arch: without it, preview shows the data, which has its own captions")
     return ct.run_command(args)
 
 

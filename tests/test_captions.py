@@ -220,6 +220,8 @@ def test_missing_files_name_the_command(tmp_path, capsys):
         C.load_caption_classifier(tmp_path / "none.safetensors")
     assert run_cli(C.main, ["preview", "--arch", "pixart", "--caption", "a purple circle"]) == 2
     assert "unknown word 'purple'" in capsys.readouterr().err
+    assert run_cli(C.main, ["preview", "--caption", "a red circle", "--out", str(tmp_path / "p.png")]) == 2
+    assert "--caption needs --arch" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
 
 
 # -- the shipped files -------------------------------------------------------------------------------------------
@@ -233,7 +235,6 @@ def test_shipped_classifier_knows_every_attribute():
 
 
 @pytest.mark.parametrize("arch", C.ARCHS)
-@pytest.mark.skipif(not C.shipped_path("mmdit").is_file(), reason="shipped caption DiTs not trained yet")  # TEMP
 def test_shipped_caption_dit_draws_what_is_asked(arch):
     model, cfg = C.load_caption_dit(arch)
     assert cfg["arch"] == arch and model.arch == arch
