@@ -16,13 +16,13 @@ image tokens read the caption:
   sequence [c; x], so text reads image and image reads text. The adaLN input is the timestep embedding plus
   the pooled text (here: the mean of the text encoder's output over the caption's tokens, through an MLP).
 
-Both are trained with flow matching (``minidit.flow.FlowMatching``, the objective of SD3; PixArt-α used DDPM's
-ε-prediction with the learned variance of DiT) and sampled with Euler and classifier-free guidance (the null
+Both are trained with flow matching (``minidit.flow.FlowMatching``, the objective of SD3; PixArt-α trained with
+DDPM, as DiT) and sampled with Euler and classifier-free guidance (the null
 caption is the empty one; captions drop to it 10% of the time in training). What is simplified compared with the
 real systems: a 16-word vocabulary and a text encoder trained from scratch on 72 captions (PixArt-α: frozen
 T5-XXL, 120 tokens; SD3: two CLIPs and T5-XXL, whose pooled CLIP vectors feed adaLN), pixels instead of VAE
-latents, no caption projection MLP (the text encoder's width is the DiT's), no QK-normalisation (SD3 §5.3.2) or
-2x2 patch-grid tricks, every MMDiT block with a full text stream (SD3's last one drops the text MLP), uniform
+latents, no caption projection MLP (the text encoder's width is the DiT's), no QK-normalisation (SD3 §5.3.2),
+every MMDiT block with a full text stream (SD3's last one drops the text MLP), uniform
 t instead of SD3's logit-normal, and minutes of CPU training instead of GPU-months.
 
 ``CaptionClassifier`` (a small CNN with one head per attribute, ``data/toy_caption_classifier.safetensors``)
@@ -152,7 +152,7 @@ def make_batch(
         combo = torch.stack(list(attrs.values()), dim=1)  # [B, 4]
         held = (combo[:, None] == _HELD_OUT_IDS[None]).all(dim=2).any(dim=1)
         attrs["position"] = torch.where(held, (attrs["position"] + 1) % 4, attrs["position"])
-    lo, hi = torch.tensor([SIZES[s][0] for s in ATTRIBUTES["size"]]), torch.tensor([SIZES[s][1] for s in SIZES])
+    lo, hi = torch.tensor([SIZES[s] for s in ATTRIBUTES["size"]]).unbind(1)  # [2] each
     radius = lo[attrs["size"]] + (hi - lo)[attrs["size"]] * u[:, 4]
     room = 1 - MARGIN - radius
     place = torch.tensor([_PLACE[p] for p in ATTRIBUTES["position"]])[attrs["position"]]  # [B, 2] (axis, sign)
@@ -440,7 +440,8 @@ def generate(model: CaptionDiT, captions: Sequence[str] | torch.Tensor, cfg_scal
     tokens = captions if isinstance(captions, torch.Tensor) else tokenize(captions, model.max_len)
     device = next(model.parameters()).device
     s = image_size or model.x_embedder.img_size
-    noise = torch.stack([torch.randn(3, s, s, generator=sample_generator(seed, i)) for i in range(len(tokens))])
+    c = model.out_channels
+    noise = torch.stack([torch.randn(c, s, s, generator=sample_generator(seed, i)) for i in range(len(tokens))])
     fn = partial(model.forward_with_cfg, cfg_scale=cfg_scale)
     flow = FlowMatching(num_timesteps=steps)
     out = flow.sample_loop(fn, noise.shape, noise=noise.to(device), model_kwargs=dict(tokens=tokens.to(device)),
@@ -565,6 +566,8 @@ def load_caption_dit(arch: str = "pixart", path: str | os.PathLike | None = None
 
         with safe_open(str(path), "pt") as f:
             config = json.loads((f.metadata() or {})["config"])
+        if config.get("arch") != arch:
+            raise ValueError(f"it holds a {config.get('arch')!r} model, not {arch!r}")
         model = model_from_config(config)
         model.load_state_dict({k: v.float() for k, v in read_file(path).items()}, strict=True)
     except (CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:

@@ -46,6 +46,10 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
 
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints" / "last.pt"
+    try:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {run_dir} as a run directory: {e.strerror}") from None
     cfg = _config(arch, steps, batch_size, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -63,6 +67,8 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start = int(state["step"])
+        if start >= steps:
+            raise UserError(f"{run_dir} already finished {start} steps; pass a larger --steps to train further")
     objective = FlowMatching(t_sampling=cfg["t_sampling"])
 
     def net(x, t, y, force_drop_ids):  # train_step passes the caption tokens as ``y``
@@ -77,7 +83,6 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
         f"training caption DiT ({arch}, {n_params / 1e6:.2f}M params) on toy captions 16x16, cpu, "
         f"{torch.get_num_threads()} thread(s), batch {batch_size}, step {start} -> {steps}, run dir {run_dir}"
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
     began, loss_sum, seen = time.perf_counter(), 0.0, 0
     model.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step")
@@ -104,7 +109,7 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
                 save(step + 1)
     bar.close()
     seconds = time.perf_counter() - began
-    return {"step": steps, "loss": last_loss if start < steps else float("nan"), "seconds": seconds,
+    return {"step": steps, "loss": last_loss, "seconds": seconds,
             "checkpoint": str(ckpt), "params": n_params}  # fmt: skip
 
 

@@ -209,8 +209,15 @@ def test_training_resumes_exactly_and_exports(tmp_path, monkeypatch):
     model, cfg = C.load_caption_dit("pixart", out)
     assert cfg["trained_steps"] == 6 and cfg["depth"] == 1
     assert C.generate(model, ["a red circle"], steps=2).shape == (1, 3, 16, 16)
+    with pytest.raises(UserError, match="holds a 'pixart' model, not 'mmdit'"):
+        C.load_caption_dit("mmdit", out)
     with pytest.raises(UserError, match="different run"):
         ct.train(tmp_path / "run", "pixart", steps=8, batch_size=4)
+    with pytest.raises(UserError, match="already finished 6 steps"):
+        ct.train(tmp_path / "run", "pixart", steps=6, batch_size=8)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot use .*file as a run directory"):
+        ct.train(tmp_path / "file", "pixart", steps=1, batch_size=8)
 
 
 def test_missing_files_name_the_command(tmp_path, capsys):
