@@ -17,13 +17,13 @@ image tokens read the caption:
   the pooled text (here: the mean of the text encoder's output over the caption's tokens, through an MLP).
 
 Both are trained with flow matching (``minidit.flow.FlowMatching``, the objective of SD3; PixArt-α trained with
-DDPM, as DiT) and sampled with Euler and classifier-free guidance (the null
-caption is the empty one; captions drop to it 10% of the time in training). What is simplified compared with the
-real systems: a 16-word vocabulary and a text encoder trained from scratch on 72 captions (PixArt-α: frozen
-T5-XXL, 120 tokens; SD3: two CLIPs and T5-XXL, whose pooled CLIP vectors feed adaLN), pixels instead of VAE
-latents, no caption projection MLP (the text encoder's width is the DiT's), no QK-normalisation (SD3 §5.3.2),
-every MMDiT block with a full text stream (SD3's last one drops the text MLP), uniform
-t instead of SD3's logit-normal, and minutes of CPU training instead of GPU-months.
+DDPM, as DiT) and sampled with Euler and classifier-free guidance (the null caption is the empty one; captions
+drop to it 10% of the time in training). What is simplified compared with the real systems: a 17-word
+vocabulary and a text encoder trained from scratch on 72 captions (PixArt-α: frozen T5-XXL, 120 tokens; SD3: two
+CLIPs and T5-XXL, whose pooled CLIP vectors feed adaLN), pixels instead of VAE latents, no caption projection
+MLP (the text encoder's width is the DiT's), no QK-normalisation (SD3 §5.3.2), every MMDiT block with a full
+text stream (SD3's last one drops the text MLP), uniform t instead of SD3's logit-normal (§3.1), and minutes of
+CPU training instead of GPU-months.
 
 ``CaptionClassifier`` (a small CNN with one head per attribute, ``data/toy_caption_classifier.safetensors``)
 measures whether samples show what their caption asks for: ``score(images, attrs)``.
@@ -106,8 +106,11 @@ def caption(attrs: Mapping[str, int | str]) -> str:
     for name, value in attrs.items():
         if name not in ATTRIBUTES:
             raise UserError(f"unknown attribute {name!r}; the attributes are {', '.join(ATTRIBUTES)}")
-        value = int(value) if not isinstance(value, str) else value
-        words[name] = ATTRIBUTES[name][value] if isinstance(value, int) else value
+        values = ATTRIBUTES[name]
+        word = value if isinstance(value, str) else values[int(value)] if 0 <= int(value) < len(values) else None
+        if word not in values:
+            raise UserError(f"{name} must be one of {', '.join(values)} (or 0..{len(values) - 1}), got {value!r}")
+        words[name] = word
     text = " ".join(w for w in ("a", words.get("size"), words.get("colour"), words.get("shape", "shape")) if w)
     return f"{text} {_PHRASE[words['position']]}" if "position" in words else text
 

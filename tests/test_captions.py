@@ -32,6 +32,10 @@ def test_caption_words_and_partial_captions():
     assert C.caption({"colour": 1}) == "a green shape"
     with pytest.raises(UserError, match="unknown attribute 'hue'"):
         C.caption({"hue": 0})
+    with pytest.raises(UserError, match="colour must be one of red, green, blue"):
+        C.caption({"colour": "purple"})
+    with pytest.raises(UserError, match="size must be one of"):
+        C.caption({"size": 2})
 
 
 def test_make_batch_is_a_pure_function_of_seed_and_index():
