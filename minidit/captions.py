@@ -54,8 +54,8 @@ from torch import nn
 from .attention import Attention
 from .embed import PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
 from .errors import ArgumentParser, UserError, positive_int, run_cli
-from .model import FinalLayer, Mlp, _residual_branch, modulate
-from .toy import _shift_right, random_words, render, uniform
+from .model import FinalLayer, Mlp, modulate, residual_branch
+from .toy import random_words, render, shift_right, uniform
 
 # --------------------------------------------------------------------------
 # Toy captions: attributes, images, tokens
@@ -150,7 +150,7 @@ def make_batch(
     indices = torch.as_tensor(indices).cpu().to(torch.int64).view(-1)
     words = random_words(indices, seed, count=11)
     u = uniform(words)  # [B, 11]
-    attrs = {name: _shift_right(words[:, k], 1) % len(values) for k, (name, values) in enumerate(ATTRIBUTES.items())}
+    attrs = {name: shift_right(words[:, k], 1) % len(values) for k, (name, values) in enumerate(ATTRIBUTES.items())}
     if train_split:
         combo = torch.stack(list(attrs.values()), dim=1)  # [B, 4]
         held = (combo[:, None] == _HELD_OUT_IDS[None]).all(dim=2).any(dim=1)
@@ -271,9 +271,9 @@ class PixArtBlock(nn.Module):
     def forward(self, x, y, t6, y_mask=None) -> torch.Tensor:
         params = (self.scale_shift_table[None] + t6.view(x.shape[0], 6, -1)).flatten(1)  # [B, 6D]
         attn_params, mlp_params = params.chunk(2, dim=1)  # (shift, scale, gate) each, DiT's layout
-        x = _residual_branch(x, self.norm1, self.attn, attn_params)
+        x = residual_branch(x, self.norm1, self.attn, attn_params)
         x = x + self.cross_attn(x, y, y_mask)
-        return _residual_branch(x, self.norm2, self.mlp, mlp_params)
+        return residual_branch(x, self.norm2, self.mlp, mlp_params)
 
 
 class _Stream(nn.Module):

@@ -136,13 +136,13 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
 def train_classifier(out: str | os.PathLike = C.DEFAULT_CLASSIFIER, steps: int = 800, batch_size: int = 128,
                      seed: int = 0, image_size: int = 16, held_out: int = 5000) -> dict:  # fmt: skip
     """Train a ``CaptionClassifier`` on fresh captioned images (rotations up to +-30 degrees) lightly damaged by
-    ``toy._augment`` (contrast, blur, noise), summed cross-entropy over the four heads; save it to ``out``.
+    ``toy.augment`` (contrast, blur, noise), summed cross-entropy over the four heads; save it to ``out``.
     Returns {"accuracy": {attribute: held-out accuracy}, "seconds", "path"} (``held_out`` images from
     ``HELD_OUT_START`` on, never trained on)."""
     from tqdm import tqdm
 
     from .checkpoint import save_checkpoint
-    from .toy import _augment
+    from .toy import augment
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -159,7 +159,7 @@ def train_classifier(out: str | os.PathLike = C.DEFAULT_CLASSIFIER, steps: int =
     for step in bar:
         indices = torch.arange(step * batch_size, (step + 1) * batch_size)
         images, _, attrs = C.make_batch(seed, indices, image_size, max_rotation=C.CLASSIFIER_MAX_ROTATION)
-        logits = classifier(_augment(images, generator))
+        logits = classifier(augment(images, generator))
         loss = sum(F.cross_entropy(logits[name], attrs[name]) for name in C.ATTRIBUTES)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,7 +202,7 @@ def _percent(scores: dict) -> str:
 
 def run_command(args) -> int:
     """The work of ``python -m minidit.captions COMMAND`` (parsed there)."""
-    from .toy import _check_writable, save_grid
+    from .toy import check_writable, save_grid
 
     if args.command == "train":
         result = train(args.run_dir or f"runs/captions-{args.arch}", args.arch, args.steps, args.batch_size, args.seed)
@@ -210,7 +210,7 @@ def run_command(args) -> int:
               f"checkpoint {result['checkpoint']}")  # fmt: skip
     elif args.command == "export":
         if args.out is not None:
-            _check_writable(args.out)
+            check_writable(args.out)
         out = export(args.run_dir, args.out)
         print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB): EMA weights of {args.run_dir}, fp16")
     elif args.command == "eval":
@@ -221,12 +221,12 @@ def run_command(args) -> int:
             print(f"  {args.n} random captions: {_percent(r['random'])}")
             print(f"  {args.per_held_out} x {len(C.HELD_OUT_COMBOS)} held-out combinations: {_percent(r['held_out'])}")
     elif args.command == "train-classifier":
-        _check_writable(args.out)
+        check_writable(args.out)
         r = train_classifier(args.out, args.steps, seed=args.seed)
         print(f"held-out accuracy on {r['held_out']} images: {_percent(r['accuracy'])}; wrote {r['path']} "
               f"({os.path.getsize(r['path']) / 1024:.0f} KB) in {r['seconds']:.0f} s")  # fmt: skip
     else:
-        _check_writable(args.out)
+        check_writable(args.out)
         if args.arch is None:
             images, captions, _ = C.make_batch(args.seed, torch.arange(16))
         else:

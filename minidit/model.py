@@ -71,11 +71,11 @@ class DiTBlock(nn.Module):
         # The released weights fix the layout of the 6D regressed values: the attention branch's
         # (shift, scale, gate) first, then the MLP branch's, D values each.
         attn_params, mlp_params = self.adaLN_modulation(c).chunk(2, dim=1)  # [B, 3D] each
-        x = _residual_branch(x, self.norm1, self.attn, attn_params)
-        return _residual_branch(x, self.norm2, self.mlp, mlp_params)
+        x = residual_branch(x, self.norm1, self.attn, attn_params)
+        return residual_branch(x, self.norm2, self.mlp, mlp_params)
 
 
-def _residual_branch(x: torch.Tensor, norm: nn.Module, sublayer: nn.Module, params: torch.Tensor) -> torch.Tensor:
+def residual_branch(x: torch.Tensor, norm: nn.Module, sublayer: nn.Module, params: torch.Tensor) -> torch.Tensor:
     """One adaLN-Zero branch: x + gate * sublayer(modulate(norm(x), shift, scale)).
 
     x: [B, T, D]; params: [B, 3D] = (shift, scale, gate) -> [B, T, D]."""

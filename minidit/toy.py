@@ -93,7 +93,7 @@ def _int64(u: int) -> int:
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
-def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+def shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns: ``>>`` is arithmetic (copies the sign bit), so mask it off."""
     return (z >> k) & ((1 << (64 - k)) - 1)
 
@@ -101,9 +101,9 @@ def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
 def _mix64(z: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser: a bijection on 64-bit words that scrambles every input bit into every
     output bit. int64 multiplication wraps around modulo 2**64, exactly like uint64 in C."""
-    z = (z ^ _shift_right(z, 30)) * _int64(_MUL1)
-    z = (z ^ _shift_right(z, 27)) * _int64(_MUL2)
-    return z ^ _shift_right(z, 31)
+    z = (z ^ shift_right(z, 30)) * _int64(_MUL1)
+    z = (z ^ shift_right(z, 27)) * _int64(_MUL2)
+    return z ^ shift_right(z, 31)
 
 
 def random_words(indices: torch.Tensor, seed: int, count: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def random_words(indices: torch.Tensor, seed: int, count: int) -> torch.Tensor:
 
 def uniform(words: torch.Tensor) -> torch.Tensor:
     """Random words (``random_words``) -> float32 uniform in [0, 1): the top 24 bits, which float32 holds exactly."""
-    return _shift_right(words, 40).to(torch.float32) / 2**24
+    return shift_right(words, 40).to(torch.float32) / 2**24
 
 
 # --------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def sample_params(indices: torch.Tensor, seed: int = 0, max_rotation: float = MA
     """
     words = random_words(indices, seed, count=8)
     u = uniform(words)  # [N, 8] uniform floats; column k is the k-th draw of each image
-    label = _shift_right(words[:, 0], 1) % NUM_CLASSES
+    label = shift_right(words[:, 0], 1) % NUM_CLASSES
 
     lo, hi = RADIUS_RANGE
     radius = lo + (hi - lo) * u[:, 1]
@@ -363,7 +363,7 @@ def classify(
     return torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Light damage, so the classifier judges shape and colour rather than pixel-perfect edges (DiT samples
     are a little noisy and soft): contrast/brightness jitter, a random amount of 3x3 blur, Gaussian noise."""
     n = x.shape[0]
@@ -416,7 +416,7 @@ def train_classifier(
     """Train a ``ToyClassifier`` on fresh toy images (data seed ``seed``) and save it to ``out`` (safetensors).
 
     Step ``k`` sees the toy images ``k * batch_size ... (k + 1) * batch_size - 1`` (every image is new) and
-    ``batch_size // 4`` junk images (``_junk``), all damaged a little by ``_augment``. Loss: cross-entropy
+    ``batch_size // 4`` junk images (``_junk``), all damaged a little by ``augment``. Loss: cross-entropy
     with the class for toy images, with the uniform distribution for junk. ``seed`` seeds the data, the
     initial weights and the augmentation. Returns ``{"accuracy", "held_out", "steps", "seconds", "path"}``:
     the accuracy on ``held_out`` held-out images (indices from ``HELD_OUT_START`` on, never trained on).
@@ -442,7 +442,7 @@ def train_classifier(
         images, labels = render(params, image_size), params["label"]
         few = batch_size // 4
         junk = _junk({k: v[:few] for k, v in params.items()}, images[:few], generator)
-        logits = classifier(_augment(torch.cat([images, junk]), generator))
+        logits = classifier(augment(torch.cat([images, junk]), generator))
         loss = class_loss = F.cross_entropy(logits[:batch_size], labels)
         if few > 0:  # junk: cross-entropy with the uniform distribution over the classes (at best log 10)
             loss = class_loss - 0.5 * F.log_softmax(logits[batch_size:], dim=1).mean()
@@ -560,7 +560,7 @@ def _image_size(text: str) -> int:
     return value
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
     try:
         path.resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train-classifier", "export-dit") and args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
-    _check_writable(args.out)  # fail now, not after a minute of training
+    check_writable(args.out)  # fail now, not after a minute of training
     if args.command == "train-classifier":
         result = train_classifier(args.out, args.steps, args.batch_size, args.seed, args.image_size, args.held_out)
         print(

@@ -86,7 +86,7 @@ def video_params(seed: int, indices: torch.Tensor, frames: int = 8) -> dict[str,
         raise ValueError(f"a video needs at least 2 frames, got {frames}")
     words = toy.random_words(indices, seed, count=9)
     u = toy.uniform(words)  # [N, 9]; column k is the k-th draw of each video
-    label = toy._shift_right(words[:, 0], 1) % NUM_CLASSES
+    label = toy.shift_right(words[:, 0], 1) % NUM_CLASSES
     colour_index, direction = label // len(DIRECTIONS), label % len(DIRECTIONS)
     shape = (u[:, 1] * len(VIDEO_SHAPES)).long()
     radius = RADIUS_RANGE[0] + (RADIUS_RANGE[1] - RADIUS_RANGE[0]) * u[:, 2]
