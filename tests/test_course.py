@@ -315,3 +315,22 @@ def test_colab_setup_clones_the_repository(solution):
     assert '"google.colab" in sys.modules' in setup
     assert "git clone" in setup and "pip -q install -e /content/minidit" in setup
     assert 'sys.path.insert(0, "/content/minidit")' in setup
+
+
+def test_kernels_get_one_thread_on_a_busy_machine_unless_the_user_chose(monkeypatch):
+    """nbval's kernels inherit OMP_NUM_THREADS: on a busy machine (load >= cores) the plugin sets it to 1 (a
+    lesson took 8.5 minutes with 2 threads on a busy 2-core machine); idle, or when the user set it, it stays."""
+    import os
+
+    from minidit import runtime
+    from minidit.course.pytest_plugin import limit_kernel_threads
+
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert limit_kernel_threads() is None and "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 3.0))
+    line = limit_kernel_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1" and "busy" in line and "1 thread" in line
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert limit_kernel_threads() is None and os.environ["OMP_NUM_THREADS"] == "2"

@@ -45,6 +45,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LESSONS_DIR = "lessons"
 _NOTEBOOKS = pytest.StashKey[list]()  # the lesson notebooks collected in this session
 _HIDDEN = pytest.StashKey[set]()  # node ids reported by the lesson section instead of pytest's own
+_THREADS = pytest.StashKey["str | None"]()  # the busy-machine line for the header, or None
 
 
 def is_lesson(path: Path) -> bool:
@@ -249,6 +250,31 @@ class LessonCell(IPyNbCell):
             head = f"{error.get('ename')}: {one_line(error.get('evalue', ''))}"
             return "\n".join([head, ""] + lines[1 if set(lines[0]) == {"-"} else 0 :])
         return plain(f"{exc}\n{exc.inner_traceback or ''}").strip()
+
+
+def limit_kernel_threads() -> str | None:
+    """On a busy machine, run the notebooks' kernels with one thread (they inherit ``OMP_NUM_THREADS``).
+
+    torch's default is a thread per core; when other work already fills the cores, those threads wait for each
+    other at every small op, and a lesson that takes 40 s on one thread took 5-8 minutes on a busy 2-core
+    machine. ``OMP_NUM_THREADS``, when set, is the user's choice. Returns a line for pytest's header, or None."""
+    import os
+
+    from ..runtime import cpu_threads
+
+    threads, busy = cpu_threads(num_workers=0, local_processes=1)
+    if busy is None:
+        return None
+    os.environ["OMP_NUM_THREADS"] = "1"
+    return busy.replace("training with", "notebook kernels get").split(", so")[0] + " (OMP_NUM_THREADS=N chooses)"
+
+
+def pytest_configure(config):
+    config.stash[_THREADS] = limit_kernel_threads()
+
+
+def pytest_report_header(config):
+    return config.stash.get(_THREADS, None)
 
 
 @pytest.hookimpl(wrapper=True)
