@@ -55,7 +55,7 @@ from .attention import Attention
 from .embed import PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
 from .errors import ArgumentParser, UserError, positive_int, run_cli
 from .model import FinalLayer, Mlp, modulate, residual_branch
-from .toy import random_words, render, shift_right, uniform
+from .toy import as_indices, random_words, render, shift_right, uniform
 
 # --------------------------------------------------------------------------
 # Toy captions: attributes, images, tokens
@@ -138,7 +138,7 @@ def tokenize(captions: Sequence[str], max_len: int = MAX_LEN) -> torch.Tensor:
 
 
 def make_batch(
-    seed: int, indices, image_size: int = 16, train_split: bool = False, max_rotation: float = MAX_ROTATION
+    indices, seed: int = 0, image_size: int = 16, train_split: bool = False, max_rotation: float = MAX_ROTATION
 ) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
     """Captioned toy images: indices int64 [B] -> (images float32 [B, 3, S, S] in [-1, 1], B captions,
     attrs name -> int64 [B]). Image i depends only on (seed, indices[i], image_size, train_split), as in
@@ -147,7 +147,7 @@ def make_batch(
     ``HELD_OUT_COMBOS`` move one position on (top -> bottom -> left -> right -> top), so training never sees them.
     Positions: the shape's centre sits 75-100% of the way from the middle to the border along one axis, within
     +-40% of that room on the other; (x, y) with y pointing down, as the rows."""
-    indices = torch.as_tensor(indices).cpu().to(torch.int64).view(-1)
+    indices = as_indices(indices)
     words = random_words(indices, seed, count=11)
     u = uniform(words)  # [B, 11]
     attrs = {name: shift_right(words[:, k], 1) % len(values) for k, (name, values) in enumerate(ATTRIBUTES.items())}

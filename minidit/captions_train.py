@@ -88,7 +88,7 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step")
     with open(run_dir / "log.jsonl", "a") as log:
         for step in bar:
-            images, captions, _ = C.make_batch(seed, torch.arange(step * batch_size, (step + 1) * batch_size),
+            images, captions, _ = C.make_batch(torch.arange(step * batch_size, (step + 1) * batch_size), seed,
                                                cfg["image_size"], train_split=True)  # fmt: skip
             g = step_generator(seed, step)
             t = objective.sample_timesteps(batch_size, g)
@@ -158,7 +158,7 @@ def train_classifier(out: str | os.PathLike = C.DEFAULT_CLASSIFIER, steps: int =
     bar = tqdm(range(steps), desc="caption classifier", unit="step")
     for step in bar:
         indices = torch.arange(step * batch_size, (step + 1) * batch_size)
-        images, _, attrs = C.make_batch(seed, indices, image_size, max_rotation=C.CLASSIFIER_MAX_ROTATION)
+        images, _, attrs = C.make_batch(indices, seed, image_size, max_rotation=C.CLASSIFIER_MAX_ROTATION)
         logits = classifier(augment(images, generator))
         loss = sum(F.cross_entropy(logits[name], attrs[name]) for name in C.ATTRIBUTES)
         optimizer.zero_grad(set_to_none=True)
@@ -169,7 +169,7 @@ def train_classifier(out: str | os.PathLike = C.DEFAULT_CLASSIFIER, steps: int =
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     classifier.eval()
-    images, _, attrs = C.make_batch(seed, torch.arange(HELD_OUT_START, HELD_OUT_START + held_out), image_size)
+    images, _, attrs = C.make_batch(torch.arange(HELD_OUT_START, HELD_OUT_START + held_out), seed, image_size)
     accuracy = C.score(images, attrs, classifier)
     save_checkpoint(classifier.state_dict(), out)
     return {"accuracy": accuracy, "held_out": held_out, "seconds": time.perf_counter() - began, "path": str(out)}
@@ -178,7 +178,7 @@ def train_classifier(out: str | os.PathLike = C.DEFAULT_CLASSIFIER, steps: int =
 def evaluation_attrs(n: int, per_held_out: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The captions evaluation asks for: (n random attribute combinations from data seed ``EVAL_DATA_SEED``,
     ``per_held_out`` of each held-out combination), each as {attribute: int64 [N]}."""
-    _, _, attrs = C.make_batch(EVAL_DATA_SEED, torch.arange(HELD_OUT_START, HELD_OUT_START + n))
+    _, _, attrs = C.make_batch(torch.arange(HELD_OUT_START, HELD_OUT_START + n), EVAL_DATA_SEED)
     held = C._HELD_OUT_IDS.repeat_interleave(per_held_out, dim=0)  # [6 * per_held_out, 4]
     return attrs, {name: held[:, k] for k, name in enumerate(C.ATTRIBUTES)}
 
@@ -228,9 +228,9 @@ def run_command(args) -> int:
     else:
         check_writable(args.out)
         if args.arch is None:
-            images, captions, _ = C.make_batch(args.seed, torch.arange(16))
+            images, captions, _ = C.make_batch(torch.arange(16), args.seed)
         else:
-            captions = args.caption or C.make_batch(EVAL_DATA_SEED, torch.arange(16))[1]
+            captions = args.caption or C.make_batch(torch.arange(16), EVAL_DATA_SEED)[1]
             tokens = C.tokenize(captions)  # a bad caption fails before the model loads
             model, _ = C.load_caption_dit(args.arch)
             images = C.generate(model, tokens, cfg_scale=args.cfg_scale, seed=args.seed)

@@ -231,6 +231,15 @@ def render(params: dict[str, torch.Tensor], image_size: int = 32) -> torch.Tenso
     return background + (colour - background) * coverage  # [N, 3, S, S]
 
 
+def as_indices(indices) -> torch.Tensor:
+    """Sample indices as a 1-D int64 CPU tensor (a list, a range or an integer tensor); anything else (floats, a
+    2-D tensor) is a ValueError rather than silently rounded. Shared by the toy, caption and video datasets."""
+    indices = torch.as_tensor(indices).cpu()
+    if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
+    return indices.to(torch.int64)
+
+
 def make_batch(
     indices: torch.Tensor, seed: int = 0, image_size: int = 32, max_rotation: float = MAX_ROTATION
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,9 +250,7 @@ def make_batch(
     Image i depends only on (seed, indices[i], image_size): the same index gives the same image in any
     batch, in any order. Different seeds give independent datasets. Rendered on the CPU (move the result).
     """
-    indices = torch.as_tensor(indices).cpu()
-    if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
+    indices = as_indices(indices)
     params = sample_params(indices, seed, max_rotation)
     return render(params, image_size), params["label"]
 

@@ -74,7 +74,7 @@ RADIUS_RANGE = (0.40, 0.55)  # circumradius, in units of half the image side (3.
 TRAVEL_RANGE = (0.45, 0.70)  # distance covered from the first frame to the last (3.6-5.6 px at 16 px)
 
 
-def video_params(seed: int, indices: torch.Tensor, frames: int = 8) -> dict[str, torch.Tensor]:
+def video_params(indices: torch.Tensor, seed: int = 0, frames: int = 8) -> dict[str, torch.Tensor]:
     """The random parameters of videos ``indices`` (int64 [N]), from toy's counter-based generator.
 
     Returns ``label`` int64 [N], ``direction`` int64 [N] (index into ``DIRECTIONS``), ``colour_index`` int64
@@ -103,19 +103,18 @@ def video_params(seed: int, indices: torch.Tensor, frames: int = 8) -> dict[str,
 
 
 def make_batch(
-    seed: int, indices: torch.Tensor, frames: int = 8, image_size: int = 16
+    indices: torch.Tensor, seed: int = 0, frames: int = 8, image_size: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Toy videos ``indices`` of data seed ``seed``: (videos float32 [N, 3, F, S, S] in [-1, 1], labels int64 [N]).
+    """Toy videos ``indices`` of data seed ``seed`` (arguments in ``minidit.toy.make_batch``'s order):
+    (videos float32 [N, 3, F, S, S] in [-1, 1], labels int64 [N]).
 
     Video i is one shape (circle or square) of one colour moving in a straight line at constant speed in
     one of four directions; label = colour_index * 4 + direction_index (``CLASS_NAMES``). It is a pure
     function of (seed, indices[i], frames, image_size): the same in any batch, in any order. Each frame is
     drawn by ``toy.render`` (signed distance, anti-aliased over one pixel, toy's dark background).
     """
-    indices = torch.as_tensor(indices).cpu()
-    if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
-    params = video_params(seed, indices, frames)
+    indices = toy.as_indices(indices)
+    params = video_params(indices, seed, frames)
     n = len(indices)
     per_frame = {  # one toy.render "image" per (video, frame); toy draws shape label % 5 (0 circle, 1 square)
         "label": params["shape"].repeat_interleave(frames),
@@ -466,7 +465,7 @@ def train_step(model: VideoDiT, ema: VideoDiT, opt: torch.optim.Optimizer, flow:
     from .train import update_ema
 
     B = cfg["batch_size"]
-    x, y = make_batch(cfg["data_seed"], torch.arange(step * B, (step + 1) * B), cfg["frames"], cfg["image_size"])
+    x, y = make_batch(torch.arange(step * B, (step + 1) * B), cfg["data_seed"], cfg["frames"], cfg["image_size"])
     g = step_generator(cfg["seed"], step)
     t = flow.sample_timesteps(B, g)
     noise = torch.randn(x.shape, generator=g)
@@ -663,7 +662,7 @@ def preview_videos(per_class: int = 2, seed: int = 0, frames: int = 8, image_siz
     """The first ``per_class`` toy videos of each class, class by class: [8 * per_class, 3, F, S, S]."""
     indices = torch.arange(per_class * NUM_CLASSES * 4)
     while True:
-        videos, labels = make_batch(seed, indices, frames, image_size)
+        videos, labels = make_batch(indices, seed, frames, image_size)
         if all((labels == k).sum() >= per_class for k in range(NUM_CLASSES)):
             return torch.cat([videos[labels == k][:per_class] for k in range(NUM_CLASSES)])
         indices = torch.arange(len(indices) * 2)

@@ -39,21 +39,21 @@ def test_caption_words_and_partial_captions():
 
 
 def test_make_batch_is_a_pure_function_of_seed_and_index():
-    images, captions, attrs = C.make_batch(0, torch.arange(20))
+    images, captions, attrs = C.make_batch(torch.arange(20), 0)
     assert images.shape == (20, 3, 16, 16) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     assert set(attrs) == set(C.ATTRIBUTES) and all(v.shape == (20,) for v in attrs.values())
     assert captions == C.captions_of(attrs)
-    again, captions2, _ = C.make_batch(0, torch.tensor([19, 3, 7]))
+    again, captions2, _ = C.make_batch(torch.tensor([19, 3, 7]), 0)
     assert torch.equal(again, images[[19, 3, 7]]) and captions2 == [captions[i] for i in (19, 3, 7)]
-    other, _, _ = C.make_batch(1, torch.arange(20))
+    other, _, _ = C.make_batch(torch.arange(20), 1)
     assert not torch.equal(other, images)
 
 
 def test_images_show_their_attributes():
     """Independent facts of the rendering: the shape's pixels have the caption's colour, sit on the caption's side,
     and a large shape covers more pixels than a small one of its kind."""
-    images, _, attrs = C.make_batch(0, torch.arange(200), image_size=32)
+    images, _, attrs = C.make_batch(torch.arange(200), 0, image_size=32)
     rgb = (images + 1) / 2
     ink = (rgb - toy.BACKGROUND).abs().amax(dim=1) > 0.3  # [N, S, S] shape pixels
     area = ink.flatten(1).sum(1).float()
@@ -69,11 +69,11 @@ def test_images_show_their_attributes():
 
 
 def test_train_split_never_shows_held_out_combinations():
-    _, _, attrs = C.make_batch(0, torch.arange(3000), train_split=True)
+    _, _, attrs = C.make_batch(torch.arange(3000), 0, train_split=True)
     combos = set(zip(*(attrs[name].tolist() for name in C.ATTRIBUTES)))
     held = {tuple(row) for row in C._HELD_OUT_IDS.tolist()}
     assert not combos & held and len(combos) == 72 - len(held)
-    _, _, all_attrs = C.make_batch(0, torch.arange(3000))
+    _, _, all_attrs = C.make_batch(torch.arange(3000), 0)
     assert held <= set(zip(*(all_attrs[name].tolist() for name in C.ATTRIBUTES)))
 
 
@@ -240,7 +240,7 @@ def test_missing_files_name_the_command(tmp_path, capsys):
 
 def test_shipped_classifier_knows_every_attribute():
     classifier = C.load_caption_classifier()
-    images, _, attrs = C.make_batch(7, torch.arange(400))
+    images, _, attrs = C.make_batch(torch.arange(400), 7)
     accuracy = C.score(images, attrs, classifier)
     assert all(accuracy[name] >= 0.98 for name in C.ATTRIBUTES), accuracy
 
@@ -249,7 +249,15 @@ def test_shipped_classifier_knows_every_attribute():
 def test_shipped_caption_dit_draws_what_is_asked(arch):
     model, cfg = C.load_caption_dit(arch)
     assert cfg["arch"] == arch and model.arch == arch
-    captions = C.make_batch(3, torch.arange(10))  # 10 captions of data seed 3
+    captions = C.make_batch(torch.arange(10), 3)  # 10 captions of data seed 3
     images = C.generate(model, captions[1], cfg_scale=4.0, steps=20, seed=0)
     accuracy = C.score(images, captions[2])
     assert all(accuracy[name] >= 0.8 for name in C.ATTRIBUTES), accuracy
+
+
+def test_make_batch_takes_toys_argument_order_and_refuses_float_indices():
+    """(indices, seed) as minidit.toy.make_batch and video.make_batch; 2.7 is not silently read as image 2."""
+    images, _, _ = C.make_batch(torch.arange(3), seed=0)
+    assert torch.equal(images, C.make_batch([0, 1, 2])[0])
+    with pytest.raises(ValueError, match="1-D integer"):
+        C.make_batch(torch.tensor([2.7]))

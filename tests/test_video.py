@@ -80,21 +80,21 @@ def test_3d_pos_embed_splits_time_and_space():
 
 
 def test_make_batch_is_a_pure_function_of_seed_and_index():
-    videos, labels = video.make_batch(0, torch.tensor([7, 3, 11]))
+    videos, labels = video.make_batch(torch.tensor([7, 3, 11]), 0)
     assert videos.shape == (3, 3, 8, 16, 16) and videos.dtype == torch.float32 and labels.dtype == torch.int64
     assert videos.min() >= -1 and videos.max() <= 1
-    alone, label = video.make_batch(0, torch.tensor([3]))
+    alone, label = video.make_batch(torch.tensor([3]), 0)
     assert torch.equal(alone[0], videos[1]) and label[0] == labels[1]  # the same video in any batch
-    other, _ = video.make_batch(1, torch.tensor([7, 3, 11]))
+    other, _ = video.make_batch(torch.tensor([7, 3, 11]), 1)
     assert not torch.equal(other, videos)  # another seed, another dataset
-    long, _ = video.make_batch(0, torch.tensor([7]), frames=16, image_size=32)
+    long, _ = video.make_batch(torch.tensor([7]), 0, frames=16, image_size=32)
     assert long.shape == (1, 3, 16, 32, 32)
 
 
 def test_make_batch_covers_every_class_and_keeps_the_shape_in_frame():
-    videos, labels = video.make_batch(0, torch.arange(400))
+    videos, labels = video.make_batch(torch.arange(400), 0)
     assert torch.bincount(labels, minlength=8).min() >= 30 and labels.max() < video.NUM_CLASSES
-    params = video.video_params(0, torch.arange(400))
+    params = video.video_params(torch.arange(400), 0)
     reach = params["centres"].abs() + params["radius"][:, None, None]  # [N, F, 2]: the shape's farthest extent
     assert reach.max() <= 1 - toy.MARGIN + 1e-6  # inside every frame, toy's margin from the border
     corners = videos[..., [0, 0, -1, -1], [0, -1, 0, -1]]
@@ -103,8 +103,8 @@ def test_make_batch_covers_every_class_and_keeps_the_shape_in_frame():
 
 
 def test_frames_are_drawn_by_the_toy_renderer():
-    params = video.video_params(0, torch.tensor([5]))
-    videos, _ = video.make_batch(0, torch.tensor([5]))
+    params = video.video_params(torch.tensor([5]), 0)
+    videos, _ = video.make_batch(torch.tensor([5]), 0)
     frame = {"label": params["shape"], "radius": params["radius"], "centre": params["centres"][:, 3],
              "rotation": torch.tensor([[1.0, 0.0]]), "colour": params["colour"]}  # fmt: skip
     assert torch.equal(videos[:, :, 3], toy.render(frame, 16))
@@ -114,7 +114,7 @@ def test_frames_are_drawn_by_the_toy_renderer():
 
 
 def test_score_is_perfect_on_real_videos():
-    videos, labels = video.make_batch(3, torch.arange(400))
+    videos, labels = video.make_batch(torch.arange(400), 3)
     result = video.score(videos, labels)
     assert (result["direction"], result["colour"], result["both"], result["coherent"]) == (1.0, 1.0, 1.0, 1.0)
     assert 0.5 < result["speed"] < 1.0  # 4 - 6.4 px over 7 frames
@@ -123,7 +123,7 @@ def test_score_is_perfect_on_real_videos():
 
 
 def test_score_is_at_most_chance_on_noise_and_rejects_still_or_fading_shapes():
-    videos, labels = video.make_batch(0, torch.arange(200))
+    videos, labels = video.make_batch(torch.arange(200), 0)
     noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     result = video.score(noise, labels)
     assert result["direction"] <= 0.3 and 0.35 < result["colour"] < 0.65 and result["coherent"] == 0
@@ -283,3 +283,10 @@ def test_shipped_video_dit_moves_the_asked_way():
     assert (video.motion_direction(samples) == labels % 4).sum() >= 7
     assert (video.colour_of(samples) == labels // 4).sum() >= 7
     assert video.score(samples, labels)["coherent"] >= 7 / 8
+
+
+def test_make_batch_takes_toys_argument_order_and_refuses_float_indices():
+    videos, labels = video.make_batch(torch.arange(3), seed=0)
+    assert torch.equal(videos, video.make_batch([0, 1, 2])[0])
+    with pytest.raises(ValueError, match="1-D integer"):
+        video.make_batch(torch.tensor([2.7]))
