@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     preview = commands.add_parser("preview", help="a grid of captioned toy images, or of a caption DiT's samples")
     preview.add_argument("--out", type=Path, default=Path("captions_preview.png"), help="PNG path")
     preview.add_argument("--arch", choices=ARCHS, help="sample this shipped model instead of showing data")
-    preview.add_argument("--caption", nargs="+", help="captions to sample (default: 16 from the data)")
+    preview.add_argument("--caption", nargs="+", action="extend", help="captions to sample (default: 16 from the data)")
     preview.add_argument("--cfg-scale", type=float, default=4.0)
     preview.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -261,3 +261,11 @@ def test_make_batch_takes_toys_argument_order_and_refuses_float_indices():
     assert torch.equal(images, C.make_batch([0, 1, 2])[0])
     with pytest.raises(ValueError, match="1-D integer"):
         C.make_batch(torch.tensor([2.7]))
+
+
+def test_preview_takes_every_caption_given(tmp_path, capsys):
+    """`--caption A --caption B` and `--caption A B` both sample A and B (a repeated flag used to keep only B)."""
+    out = tmp_path / "p.png"
+    args = ["preview", "--arch", "pixart", "--out", str(out), "--caption", "a red circle at the top"]
+    assert run_cli(C.main, args + ["--caption", "a large blue square on the left"]) == 0
+    assert "0: a red circle at the top; 1: a large blue square on the left" in capsys.readouterr().out and out.exists()
