@@ -124,8 +124,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
     try:
         state = read_file(Path(run_dir) / "checkpoints" / "last.pt")
         cfg, ema, step = state["config"], state["ema"], int(state["step"])
-    except (CheckpointError, KeyError) as e:
-        raise UserError(f"{run_dir}: not a caption DiT run directory ({e})") from None
+        if not isinstance(cfg, dict) or cfg.get("arch") not in C.ARCHS:
+            raise ValueError("its config names no caption DiT arch: a run of another trainer?")
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{run_dir}: not a caption DiT run directory ({str(e).splitlines()[0]})") from None
     out = Path(out) if out is not None else C.shipped_path(cfg["arch"])
     tensors = {k: (v if k == "pos_embed" else v.half()).contiguous() for k, v in ema.items()}
     meta = {"format": "minidit caption DiT", "config": json.dumps({**cfg, "trained_steps": step}, sort_keys=True)}

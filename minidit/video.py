@@ -581,6 +581,9 @@ def export_video_dit(run_dir: str | os.PathLike, out: str | os.PathLike = DEFAUL
     try:
         state = read_file(ckpt)
         ema, cfg, step = state["ema"], state["config"], int(state["step"])
+        missing = [k for k in MODEL_KEYS if k not in cfg]
+        if missing:
+            raise ValueError(f"its config has no {', '.join(missing)}: a run of another trainer?")
     except (CheckpointError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{run_dir}: not a video run directory ({str(e).splitlines()[0]})") from None
     tensors = {k: (v.float() if k == "pos_embed" else v.half()).contiguous() for k, v in ema.items()}

@@ -269,3 +269,16 @@ def test_preview_takes_every_caption_given(tmp_path, capsys):
     args = ["preview", "--arch", "pixart", "--out", str(out), "--caption", "a red circle at the top"]
     assert run_cli(C.main, args + ["--caption", "a large blue square on the left"]) == 0
     assert "0: a red circle at the top; 1: a large blue square on the left" in capsys.readouterr().out and out.exists()
+
+
+def test_export_refuses_a_run_of_another_trainer(tmp_path):
+    """A minidit.train (class-conditional DiT) run holds a config and EMA weights too: exporting it as a caption
+    DiT used to write a file that no loader could read."""
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"config": {"model": "DiT-Ti/4"}, "ema": {"w": torch.zeros(1)}, "step": 3},
+               tmp_path / "checkpoints" / "last.pt")  # fmt: skip
+    from minidit import captions_train as ct
+
+    with pytest.raises(UserError, match="not a caption DiT run directory .*another trainer"):
+        ct.export(tmp_path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

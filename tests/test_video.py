@@ -290,3 +290,13 @@ def test_make_batch_takes_toys_argument_order_and_refuses_float_indices():
     assert torch.equal(videos, video.make_batch([0, 1, 2])[0])
     with pytest.raises(ValueError, match="1-D integer"):
         video.make_batch(torch.tensor([2.7]))
+
+
+def test_export_refuses_a_run_of_another_trainer(tmp_path):
+    """A minidit.train run (no frames, tubelet, ... in its config) was a KeyError traceback."""
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"config": {"model": "DiT-Ti/4"}, "ema": {"w": torch.zeros(1)}, "step": 3},
+               tmp_path / "checkpoints" / "last.pt")  # fmt: skip
+    with pytest.raises(UserError, match="not a video run directory .*no frames"):
+        video.export_video_dit(tmp_path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
