@@ -458,11 +458,11 @@ def build_model(cfg: dict) -> VideoDiT:
 
 def train_step(model: VideoDiT, ema: VideoDiT, opt: torch.optim.Optimizer, flow: FlowMatching, cfg: dict, step: int):
     """One optimizer step of the flow-matching loss on videos ``step * B ... (step + 1) * B - 1`` (every video is
-    new). Every random number comes from ``runtime.step_generator(seed, step)``, in the image trainer's order
-    (t, then the noise, then the label drops), so a resumed run draws what an uninterrupted one draws.
-    Returns the loss (float)."""
+    new): the image trainer's own step (``minidit.train.train_step``: AdamW, then the EMA). Every random number
+    comes from ``runtime.step_generator(seed, step)``, in the image trainer's order (t, then the noise, then the
+    label drops), so a resumed run draws what an uninterrupted one draws. Returns the loss (float)."""
+    from . import train
     from .runtime import step_generator
-    from .train import update_ema
 
     B = cfg["batch_size"]
     x, y = make_batch(torch.arange(step * B, (step + 1) * B), cfg["data_seed"], cfg["frames"], cfg["image_size"])
@@ -470,14 +470,11 @@ def train_step(model: VideoDiT, ema: VideoDiT, opt: torch.optim.Optimizer, flow:
     t = flow.sample_timesteps(B, g)
     noise = torch.randn(x.shape, generator=g)
     drop = (torch.rand(B, generator=g) < cfg["class_dropout_prob"]).long()
-    for group in opt.param_groups:  # linear warm-up, then constant
-        group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
-    loss = flow.training_losses(model, x, t, dict(y=y, force_drop_ids=drop), noise)["loss"].mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    update_ema(ema, model, cfg["ema_decay"])
-    return loss.item()
+    lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))  # linear warm-up, then constant
+    sums = train.train_step(
+        model, model, ema, opt, flow, [(x, y, t, noise, drop)], accum=1, lr=lr, ema_decay=cfg["ema_decay"]
+    )
+    return sums[0].item() / B
 
 
 def _checkpoint_path(run_dir: Path) -> Path:
