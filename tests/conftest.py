@@ -18,6 +18,21 @@ GUARDED = (ROOT / "runs", ROOT / "data")
 _PASSED = pytest.StashKey[dict]()
 
 
+def pytest_configure(config):
+    """`python -m pytest --nbval` (the CI command) also runs the solution notebooks: on a busy machine their
+    kernels get one thread, as the lessons' plugin gives theirs (`minidit.course.pytest_plugin`)."""
+    from minidit.course.pytest_plugin import limit_kernel_threads
+
+    config.stash[_THREADS] = limit_kernel_threads()
+
+
+def pytest_report_header(config):
+    return config.stash.get(_THREADS, None)
+
+
+_THREADS = pytest.StashKey["str | None"]()
+
+
 def snapshot(roots=GUARDED) -> dict[str, int | None]:
     """Modification times of ``roots``, their entries and their subfolders' entries (two levels: cheap
     even when data/ holds a dataset). Creating, deleting, renaming or rewriting anything there changes it."""
