@@ -36,7 +36,19 @@ def _config(arch: str, steps: int, batch_size: int, seed: int) -> dict:
 
 def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, batch_size: int = 64,
           seed: int = 0) -> dict:  # fmt: skip
-    """Train (or resume) a caption DiT in ``run_dir`` with flow matching. Returns {"step", "loss", "seconds", ...}."""
+    """Train (or resume) a caption DiT in ``run_dir`` with flow matching. Returns {"step", "loss", "seconds", ...}.
+    A run directory another trainer is writing is refused (``rundir.lock``, as ``python -m minidit.train``)."""
+    from .rundir import lock, make_writable_dir, unlock
+
+    fd = lock(Path(run_dir))
+    try:
+        make_writable_dir(Path(run_dir) / "checkpoints")
+        return _train_locked(Path(run_dir), arch, steps, batch_size, seed)
+    finally:
+        unlock(fd)
+
+
+def _train_locked(run_dir: Path, arch: str, steps: int, batch_size: int, seed: int) -> dict:
     from tqdm import tqdm
 
     from .checkpoint import read_file, save_checkpoint
@@ -44,12 +56,7 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
     from .runtime import step_generator
     from .train import make_optimizer, train_step
 
-    run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints" / "last.pt"
-    try:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot use {run_dir} as a run directory: {e.strerror}") from None
     cfg = _config(arch, steps, batch_size, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -59,6 +66,8 @@ def train(run_dir: str | os.PathLike, arch: str = "pixart", steps: int = STEPS, 
     start = 0
     if ckpt.is_file():
         state = read_file(ckpt)
+        if not isinstance(state.get("config"), dict) or not {"model", "ema", "opt", "step"} <= set(state):
+            raise UserError(f"{ckpt} is not a caption DiT checkpoint; it is left in place: pass another --run-dir")
         old = {k: v for k, v in state["config"].items() if k != "steps"}
         new = json.loads(json.dumps({k: v for k, v in cfg.items() if k != "steps"}))  # tuples -> lists
         if old != new:

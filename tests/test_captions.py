@@ -220,8 +220,21 @@ def test_training_resumes_exactly_and_exports(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="already finished 6 steps"):
         ct.train(tmp_path / "run", "pixart", steps=6, batch_size=8)
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="cannot use .*file as a run directory"):
+    with pytest.raises(UserError, match="cannot write the run directory .*file .*not a directory"):
         ct.train(tmp_path / "file", "pixart", steps=1, batch_size=8)
+    from minidit.rundir import lock, unlock
+
+    fd = lock(tmp_path / "busy")  # another trainer holds it
+    try:
+        with pytest.raises(UserError, match="in use by another training process"):
+            ct.train(tmp_path / "busy", "pixart", steps=1, batch_size=8)
+    finally:
+        unlock(fd)
+    (tmp_path / "foreign" / "checkpoints").mkdir(parents=True)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "foreign" / "checkpoints" / "last.pt")
+    with pytest.raises(UserError, match="not a caption DiT checkpoint; it is left in place"):
+        ct.train(tmp_path / "foreign", "pixart", steps=1, batch_size=8)
+    assert (tmp_path / "foreign" / "checkpoints" / "last.pt").exists()
 
 
 def test_missing_files_name_the_command(tmp_path, capsys):
