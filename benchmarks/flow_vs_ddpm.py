@@ -6,6 +6,7 @@ default toy run's EMA weights, stored in fp16).
 
     OMP_NUM_THREADS=1 python -m minidit.train --objective flow --run-dir /tmp/flowtoy
     python benchmarks/flow_vs_ddpm.py /tmp/flowtoy --samples 300 --out /tmp/flow_vs_ddpm.json
+    python benchmarks/flow_vs_ddpm.py data/toy_flow_dit.safetensors --steps 25 --scales 1,1.5,2,3,4  # guidance sweep
 
 For each sampler and step count it draws ``--samples`` images (classes 0..9 in turn, seed 1) with CFG 4 and
 without, and scores them with the shipped toy classifier (``evaluate.toy_metrics``: accuracy, and the
@@ -33,10 +34,14 @@ STEPS = (5, 10, 25, 50, 100)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("flow_run", help="run directory of a --objective flow toy run")
+    p.add_argument("flow_run", help="run directory of a --objective flow toy run, or data/toy_flow_dit.safetensors")
     p.add_argument("--samples", type=int, default=300)
     p.add_argument("--out", default="flow_vs_ddpm.json")
+    p.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampling steps, comma-separated")
+    p.add_argument("--scales", default="4,1", help="guidance scales, comma-separated (1: no guidance)")
     args = p.parse_args()
+    steps_list = [int(v) for v in args.steps.split(",")]
+    scales = [float(v) for v in args.scales.split(",")]
     ddpm, ddpm_cfg = toy.load_toy_dit()
     flow, info = load_for_sampling(args.flow_run)
     labels = torch.arange(args.samples) % toy.NUM_CLASSES
@@ -45,8 +50,8 @@ def main() -> None:
     rows = []
     for name, model, cfg, samplers in models:
         for sampler in samplers:
-            for steps in STEPS:
-                for scale in (4.0, 1.0):
+            for steps in steps_list:
+                for scale in scales:
                     t0 = time.time()
                     images = generate(
                         model, labels, cfg_scale=scale, num_steps=steps, sampler=sampler, seed=1,
