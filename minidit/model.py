@@ -196,6 +196,11 @@ class DiT(nn.Module):
             block.attn.backend = backend
         return self
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape of one input (and of one sample's noise): (C, I, I)."""
+        return (self.in_channels, self.input_size, self.input_size)
+
     # -- forward -------------------------------------------------------------------
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

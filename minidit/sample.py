@@ -97,7 +97,8 @@ def generate(
     progress: bool = False,
     indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Class-conditional samples: labels [N] -> images [N, C, H, W] (decoded to [-1, 1] when ``decoder``).
+    """Class-conditional samples: labels [N] -> images [N, *model.sample_shape] (decoded to [-1, 1] when
+    ``decoder``): [N, C, H, W] for a DiT, videos [N, C, F, H, W] for ``minidit.video.VideoDiT``.
 
     DDPM (ancestral, learned variance) or DDIM (eta = 0) over ``num_steps`` respaced
     steps; classifier-free guidance with ``cfg_scale`` (1: none) on ``guided_channels``
@@ -123,8 +124,7 @@ def generate(
     for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
         generators = [sample_generator(seed, int(i), device) for i in idx]  # every draw of sample i, any batch
         y = y.to(device)
-        z = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g, device=device)
-                         for g in generators])  # fmt: skip
+        z = torch.stack([torch.randn(model.sample_shape, generator=g, device=device) for g in generators])
         kw = dict(progress=progress, clip_denoised=clip_denoised, generator=generators)
         if cfg_scale == 1.0:
             x = loop(model, z.shape, z, model_kwargs=dict(y=y), **kw)

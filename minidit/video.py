@@ -45,7 +45,6 @@ import math
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +264,11 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int, int]:
+        """The shape of one clip (and of its noise): (C, F, S, S)."""
+        return (self.in_channels, self.frames, self.image_size, self.image_size)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -286,7 +290,6 @@ class VideoDiT(nn.Module):
 # --------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def generate(
     model: VideoDiT,
     labels: torch.Tensor,
@@ -297,35 +300,24 @@ def generate(
     batch_size: int = 100,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Videos of classes ``labels`` [N]: [N, C, F, S, S] in [-1, 1]. Euler on the flow-matching ODE from t = 1
-    to 0 over ``num_steps`` steps, x0_hat clipped to [-1, 1] at each step (``FlowMatching(clip_denoised=True)``,
-    as for a pixel-space model). ``cfg_scale`` 1: the conditional model alone (one pass per step); otherwise
-    classifier-free guidance on all channels, v = v_uncond + s (v_cond - v_uncond). Video i's noise comes from
-    ``runtime.sample_generator(seed, indices[i])`` (default indices 0..N-1): the same video in any batch."""
-    from .runtime import sample_generator
+    """Videos of classes ``labels`` [N]: [N, C, F, S, S] in [-1, 1], by the image sampler
+    (``minidit.sample.generate`` with ``objective="flow"``): Euler on the flow-matching ODE from t = 1 to 0 over
+    ``num_steps`` steps, x0_hat clipped to [-1, 1] (a pixel-space model), classifier-free guidance on all
+    channels (``cfg_scale`` 1: none). Video i's noise comes from ``runtime.sample_generator(seed, indices[i])``
+    (default indices 0..N-1): the same video in any batch."""
+    from .sample import generate as generate_samples
 
     labels = torch.as_tensor(labels).long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
         raise UserError(f"labels must be in 0..{model.num_classes - 1}, got {labels.tolist()}")
-    guided = cfg_scale != 1
-    if guided and model.y_embedder.dropout_prob == 0:
-        raise UserError("this model was trained without label dropout: it has no null label, so no CFG (use scale 1)")
-    indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices)
-    device = next(model.parameters()).device
-    flow = FlowMatching(num_timesteps=num_steps)
-    shape = (model.in_channels, model.frames, model.image_size, model.image_size)
-    out = []
-    for y, idx in zip(labels.split(batch_size), indices.split(batch_size)):
-        gens = [sample_generator(seed, int(i), device) for i in idx]
-        if guided:
-            net = partial(model.forward_with_cfg, guided_channels=None)
-            kwargs = dict(y=torch.cat([y, torch.full_like(y, model.num_classes)]).to(device), cfg_scale=cfg_scale)
-            x = flow.sample_loop(net, (2 * len(y), *shape), None, kwargs, progress, gens, device, clip_denoised=True)
-            x = x[: len(y)]
-        else:
-            x = flow.sample_loop(model, (len(y), *shape), None, dict(y=y.to(device)), progress, gens, device, True)
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out) if out else torch.empty(0, *shape)
+    if len(labels) == 0:
+        return torch.empty(0, *model.sample_shape)
+    with torch.no_grad():
+        videos = generate_samples(
+            model, labels, cfg_scale=cfg_scale, num_steps=num_steps, sampler="euler", seed=seed, objective="flow",
+            clip_denoised=True, batch_size=batch_size, progress=progress, indices=indices,
+        )  # fmt: skip
+    return videos.clamp(-1, 1).cpu()
 
 
 # --------------------------------------------------------------------------
