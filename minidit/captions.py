@@ -53,7 +53,7 @@ from torch import nn
 
 from .attention import Attention
 from .embed import PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
-from .errors import ArgumentParser, UserError, positive_int, run_cli
+from .errors import ArgumentParser, UserError, guidance_scale, positive_int, run_cli
 from .model import FinalLayer, Mlp, modulate, residual_branch
 from .toy import as_indices, random_words, render, shift_right, uniform
 
@@ -602,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--ckpt", type=Path, help="a caption DiT file (default data/toy_ARCH.safetensors)")
     ev.add_argument("-n", type=positive_int, default=200, help="samples of random captions (default 200)")
     ev.add_argument("--per-held-out", type=positive_int, default=20, help="samples per held-out combination")
-    ev.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0, 4.0], help="guidance scales (default 1 4)")
+    ev.add_argument(
+        "--cfg-scale", type=guidance_scale, nargs="+", default=[1.0, 4.0], help="guidance scales (default 1 4)"
+    )
     ev.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
     ev.add_argument("--seed", type=int, default=0, help="sample noise seed (default 0)")
     clf = commands.add_parser("train-classifier", help="train the attribute classifier")
@@ -613,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--out", type=Path, default=Path("captions_preview.png"), help="PNG path")
     preview.add_argument("--arch", choices=ARCHS, help="sample this shipped model instead of showing data")
     preview.add_argument("--caption", nargs="+", action="extend", help="captions to sample (default: 16 from the data)")
-    preview.add_argument("--cfg-scale", type=float, default=4.0)
+    preview.add_argument("--cfg-scale", type=guidance_scale, default=4.0)
     preview.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "preview" and args.caption and args.arch is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import sys
 import warnings
@@ -50,6 +51,17 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 141  # as a shell reports a process ended by SIGPIPE
     finally:
         warnings.formatwarning = saved
+
+
+def guidance_scale(text: str) -> float:
+    """An ``argparse`` type: a classifier-free guidance scale, a finite number >= 0 (1: no guidance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1: no guidance), got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -54,7 +54,7 @@ from torch import nn
 
 from . import toy
 from .embed import LabelEmbedder, TimestepEmbedder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed
-from .errors import ArgumentParser, UserError, positive_int, run_cli
+from .errors import ArgumentParser, UserError, guidance_scale, positive_int, run_cli
 from .flow import FlowMatching
 from .model import DiT, DiTBlock, FinalLayer
 
@@ -687,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = commands.add_parser("eval", help="score class-balanced samples: direction, colour, coherence")
     ev.add_argument("--ckpt", type=Path, default=None, help="default data/toy_video_dit.safetensors")
     ev.add_argument("--n", type=positive_int, default=200, help="samples per guidance scale (default 200)")
-    ev.add_argument("--cfg-scale", type=float, default=4.0, help="guided scale, scored beside unguided (default 4)")
+    ev.add_argument(
+        "--cfg-scale", type=guidance_scale, default=4.0, help="guided scale, scored beside unguided (default 4)"
+    )
     ev.add_argument("--num-steps", type=positive_int, default=25, help="Euler steps (default 25)")
     ev.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
 
@@ -700,13 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     pv.add_argument("--samples", action="store_true", help="samples of the shipped (or --ckpt) model, not data")
     pv.add_argument("--ckpt", type=Path, default=None, help="default data/toy_video_dit.safetensors")
     pv.add_argument("--per-class", type=positive_int, default=2, help="videos per class (default 2)")
-    pv.add_argument("--cfg-scale", type=float, default=4.0, help="guidance for --samples (default 4)")
+    pv.add_argument("--cfg-scale", type=guidance_scale, default=4.0, help="guidance for --samples (default 4)")
     pv.add_argument("--seed", type=int, default=0, help="data or noise seed (default 0)")
 
     args = parser.parse_args(argv)
-    scale = getattr(args, "cfg_scale", 1.0)
-    if not (scale >= 0 and math.isfinite(scale)):
-        parser.error(f"--cfg-scale must be a finite number >= 0 (1: no guidance), got {scale}")
     if args.command == "train":
         overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                          depth=args.depth, hidden_size=args.hidden_size)  # fmt: skip

@@ -295,3 +295,12 @@ def test_export_refuses_a_run_of_another_trainer(tmp_path):
     with pytest.raises(UserError, match="not a caption DiT run directory .*another trainer"):
         ct.export(tmp_path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "--arch", "pixart"], ["preview", "--arch", "pixart"]])
+@pytest.mark.parametrize("scale", ["-2", "nan", "inf", "lots"])
+def test_a_guidance_scale_that_is_not_finite_and_non_negative_is_one_line(command, scale, capsys):
+    """-2 used to run: guidance away from the caption, scored as if it were a result."""
+    assert run_cli(C.main, command + ["--cfg-scale", scale]) == 2
+    err = capsys.readouterr().err
+    assert "argument --cfg-scale:" in err and "Traceback" not in err

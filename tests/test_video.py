@@ -252,7 +252,7 @@ def test_cli_bad_option_and_preview(tmp_path, capsys):
     assert run_cli(video.main, ["train", "--stesp", "3"]) == 2
     assert "did you mean --steps" in capsys.readouterr().err
     assert run_cli(video.main, ["eval", "--cfg-scale", "nan"]) == 2
-    assert "--cfg-scale must be a finite number" in capsys.readouterr().err
+    assert "argument --cfg-scale: must be a finite number >= 0" in capsys.readouterr().err
     assert run_cli(video.main, ["train", "--hidden-size", "40", "--run-dir", str(tmp_path / "r")]) == 2
     assert "multiple of 16" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert run_cli(video.main, ["preview", "--out", str(tmp_path / "p.png"), "--per-class", "1"]) == 0
